@@ -1,0 +1,55 @@
+"""The Starlette application: routes, middleware, error handlers and the pool's lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.authentication import AuthenticationMiddleware
+
+from sparc import auth, health
+from sparc.database import DatabaseClient, DatabaseMiddleware
+from sparc.problems import Problem, handle_http_exception, handle_problem, handle_server_error
+from sparc.security import PasswordHasher
+from sparc.settings import Settings, load_settings
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """Build the app. With no settings given, they are read from the environment (and .env)."""
+    if settings is None:
+        settings = load_settings()
+    # One client, and so one pool, per app: every request shares it via DatabaseMiddleware.
+    client = DatabaseClient(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await client.connect()
+        try:
+            yield
+        finally:
+            await client.disconnect()
+
+    app = Starlette(
+        routes=[*health.routes, *auth.routes],
+        middleware=[
+            Middleware(DatabaseMiddleware, client=client),
+            Middleware(
+                AuthenticationMiddleware,
+                backend=auth.BearerTokenBackend(),
+                on_error=auth.authentication_failed,
+            ),
+        ],
+        exception_handlers={
+            Problem: handle_problem,
+            HTTPException: handle_http_exception,
+            500: handle_server_error,
+        },
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.db_client = client
+    app.state.password_hasher = PasswordHasher()
+    return app

@@ -1,0 +1,717 @@
+"""Database layer: the process's one connection pool and the unit of work of each request.
+
+This is the only module that imports `databases` or `asyncpg`; replacing the driver means
+rewriting this file and nothing else. encode/databases owns the asyncpg pool. Its two gaps are
+handled here: it acquires without a timeout (we acquire from its asyncpg pool with
+DB_POOL_TIMEOUT) and it binds connections to asyncio tasks (we bind the request's connection to
+the request's context instead, so child tasks the request spawns share it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import math
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar, cast
+from urllib.parse import urlsplit
+
+import anyio
+import anyio.to_thread
+import asyncpg
+import databases
+from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
+from sqlalchemy.sql import ClauseElement
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sparc.embedded import embedded_postgres
+from sparc.problems import problem_response
+from sparc.settings import Settings, mask_password
+
+logger = logging.getLogger("sparc.database")
+
+T = TypeVar("T")
+Query = str | ClauseElement
+Values = Mapping[str, Any]
+
+# Seen in pg_stat_activity; lets operators (and our tests) count SPARC's own connections.
+APPLICATION_NAME = "sparc"
+
+
+class Row(Protocol):
+    """A result row: by column name (`row["email"]`) or position (`row[0]`)."""
+
+    def __getitem__(self, key: str | int, /) -> Any: ...
+    def get(self, key: str, default: Any = None, /) -> Any: ...
+    def keys(self) -> Iterator[str]: ...
+    def values(self) -> Iterator[Any]: ...
+    def items(self) -> Iterator[tuple[str, Any]]: ...
+    def __len__(self) -> int: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+class DatabaseUnavailable(Exception):
+    """The database cannot serve this now (pool exhausted, server unreachable, connection lost).
+
+    Requests that hit it are answered 503 with Retry-After; retrying later may succeed.
+    """
+
+    retry_after = 5
+
+
+class PoolTimeout(DatabaseUnavailable):
+    """No pooled connection became free within DB_POOL_TIMEOUT."""
+
+    retry_after = 1
+
+
+class QueryError(Exception):
+    """PostgreSQL refused a statement; `sqlstate` is its error code (e.g. 23505)."""
+
+    def __init__(self, message: str, *, sqlstate: str | None, constraint: str | None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.constraint = constraint
+
+
+class UniqueViolation(QueryError):
+    """A statement broke a unique constraint (SQLSTATE 23505)."""
+
+
+class CommitFailed(Exception):
+    """The request's transaction could not be committed: none of its writes were kept."""
+
+
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+
+
+_UNREACHABLE: tuple[type[BaseException], ...] = (
+    TimeoutError,
+    DatabaseUnavailable,
+    *_CONNECTION_ERRORS,
+)
+
+
+def _translate(exc: BaseException) -> BaseException:
+    """Map a driver exception to this module's errors, so callers never import asyncpg."""
+    if isinstance(exc, _CONNECTION_ERRORS):
+        return DatabaseUnavailable(f"lost the connection to PostgreSQL: {exc}")
+    if isinstance(exc, asyncpg.PostgresError):
+        error = UniqueViolation if isinstance(exc, asyncpg.UniqueViolationError) else QueryError
+        return error(
+            str(exc),
+            sqlstate=getattr(exc, "sqlstate", None),
+            constraint=getattr(exc, "constraint_name", None),
+        )
+    return exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Query preparation: ":name" text or SQLAlchemy Core, both turned into "$n" SQL for asyncpg.
+
+# The same rule as SQLAlchemy's text(): ":name" is a parameter unless it is part of "::" (a cast)
+# or escaped as "\:".
+_NAMED_PARAMETER = re.compile(r"(?<![:\w\\]):(\w+)(?!:)")
+_DIALECT = PGDialect_asyncpg()  # type: ignore[no-untyped-call]
+
+
+@functools.lru_cache(maxsize=2048)
+def _compile_text(sql: str) -> tuple[str, tuple[str, ...]]:
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in names:
+            names.append(name)
+        return f"${names.index(name) + 1}"
+
+    return _NAMED_PARAMETER.sub(number, sql).replace("\\:", ":"), tuple(names)
+
+
+def _prepare(query: Query, values: Values | None) -> tuple[str, list[Any]]:
+    if isinstance(query, str):
+        sql, names = _compile_text(query)
+        given = values or {}
+        missing = [name for name in names if name not in given]
+        if missing:
+            raise ValueError(f"no value given for query parameter(s) {', '.join(missing)}")
+        return sql, [given[name] for name in names]
+    clause: Any = query
+    if values:
+        clause = clause.values(**values)  # as in databases: values fill an INSERT or UPDATE
+    compiled = clause.compile(dialect=_DIALECT, compile_kwargs={"render_postcompile": True})
+    params = compiled.params
+    return compiled.string, [params[name] for name in compiled.positiontup or ()]
+
+
+# ---------------------------------------------------------------------------------------------
+# The unit of work: one connection and at most one transaction, shared by every task of a request.
+
+
+class _UnitOfWork:
+    """Holds a request's (or a `transaction()` block's) connection and transaction.
+
+    The connection is acquired at the first query and the transaction begun at the first query
+    that needs one. A lock serialises statements, because child tasks of a request share the
+    connection and asyncpg runs one statement at a time per connection.
+    """
+
+    __slots__ = (
+        "_broken",
+        "_connection",
+        "_isolation",
+        "_lock",
+        "_transaction",
+        "client",
+        "ended",
+        "keep_writes",
+    )
+
+    def __init__(self, client: DatabaseClient, *, isolation: str | None = None) -> None:
+        self.client = client
+        self.keep_writes = False
+        self.ended = False
+        self._connection: Any = None
+        self._transaction: Any = None
+        self._lock = asyncio.Lock()
+        self._broken = False
+        self._isolation = isolation
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._transaction is not None
+
+    async def run(self, operation: Callable[[Any], Awaitable[T]], *, transactional: bool) -> T:
+        async with self._lock:
+            if self.ended:
+                raise RuntimeError(
+                    "this unit of work has ended (its transaction was committed or rolled back)"
+                )
+            if self._connection is None:
+                self._connection = await self.client._acquire()
+            connection = self._connection
+            try:
+                if transactional and self._transaction is None:
+                    transaction = connection.transaction(isolation=self._isolation)
+                    await transaction.start()
+                    self._transaction = transaction
+                return await operation(connection)
+            except BaseException as exc:
+                if isinstance(exc, _CONNECTION_ERRORS) or connection.is_closed():
+                    self._broken = True
+                translated = _translate(exc)
+                if translated is exc:
+                    raise
+                raise translated from None
+
+    async def end(self, *, commit: bool) -> None:
+        """Commit or roll back, then return the connection to the pool (once; later calls no-op).
+
+        A failed commit raises CommitFailed or DatabaseUnavailable; a failed rollback only
+        discards the connection, as the server rolls back when it closes.
+        """
+        if self.ended:
+            return
+        self.ended = True
+        if self._connection is None:
+            return
+        try:
+            if commit and self._transaction is not None:
+                await self._commit()
+        finally:
+            # Cleanup must finish even when the request is being cancelled.
+            with anyio.CancelScope(shield=True):
+                await self._roll_back_and_release()
+
+    async def _commit(self) -> None:
+        async with self._lock:
+            if self._broken:
+                raise DatabaseUnavailable("lost the connection to PostgreSQL before commit")
+            try:
+                await self._transaction.commit()
+            except asyncio.CancelledError:
+                self._broken = True  # the commit's outcome is unknown; never reuse this session
+                raise
+            except Exception as exc:
+                if isinstance(exc, _CONNECTION_ERRORS) or self._connection.is_closed():
+                    self._broken = True
+                    raise DatabaseUnavailable(
+                        f"lost the connection to PostgreSQL during commit: {exc}"
+                    ) from None
+                raise CommitFailed(f"the transaction could not be committed: {exc}") from None
+            finally:
+                self._transaction = None
+
+    async def _roll_back_and_release(self) -> None:
+        connection, self._connection = self._connection, None
+        transaction, self._transaction = self._transaction, None
+        with anyio.move_on_after(self.client.settings.connect_timeout) as scope:
+            async with self._lock:
+                if transaction is not None and not self._broken:
+                    try:
+                        await transaction.rollback()
+                    except Exception as exc:
+                        logger.warning("rollback failed (%s); discarding the connection", exc)
+                        self._broken = True
+        if scope.cancelled_caught:
+            logger.warning("rollback did not finish in time; discarding the connection")
+            self._broken = True
+        await self.client._release(connection, broken=self._broken)
+
+
+_current_client: ContextVar[DatabaseClient | None] = ContextVar("sparc_db_client", default=None)
+_current_unit: ContextVar[_UnitOfWork | None] = ContextVar("sparc_unit_of_work", default=None)
+
+
+def get_db_client() -> DatabaseClient:
+    """The DatabaseClient of the current request (the same object for every request of an app)."""
+    client = _current_client.get()
+    if client is None:
+        raise RuntimeError(
+            "get_db_client() found no DatabaseClient bound here. Inside a request, add "
+            "DatabaseMiddleware to the app (sparc.app.create_app does); outside requests, bind "
+            "one with `with bind_db_client(client):` or use the DatabaseClient directly."
+        )
+    return client
+
+
+@contextlib.contextmanager
+def bind_db_client(client: DatabaseClient) -> Iterator[DatabaseClient]:
+    """Make get_db_client() return `client` inside this block (CLI commands, jobs, tests)."""
+    token = _current_client.set(client)
+    try:
+        yield client
+    finally:
+        _current_client.reset(token)
+
+
+# ---------------------------------------------------------------------------------------------
+# The client
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    size: int  # open connections
+    idle: int
+    in_use: int
+    max: int
+    min: int
+    waiting: int  # requests waiting for a connection right now
+
+
+class DatabaseClient:
+    """The process's database: one bounded pool, and the query API every request uses.
+
+    Inside a request (or an `async with client.transaction():` block) every query runs on that
+    unit of work's connection and transaction; anywhere else each query takes a pooled connection
+    for its own duration and runs in autocommit.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._configured = settings
+        # The settings in force: once connected to the embedded server, they carry its URL.
+        self.settings = settings
+        self._database: databases.Database | None = None
+        self._embedded: contextlib.ExitStack | None = None
+        self._waiting = 0
+
+    def _build_database(self, url: str) -> databases.Database:
+        server_settings = {"application_name": APPLICATION_NAME}
+        if self.settings.statement_timeout:
+            timeout_ms = math.ceil(self.settings.statement_timeout * 1000)
+            server_settings["statement_timeout"] = str(timeout_ms)
+        dsn = url.replace("postgresql+asyncpg://", "postgresql://", 1)
+        return databases.Database(
+            dsn,
+            # databases reads only host/user/password from the URL; handing asyncpg the whole
+            # DSN as well keeps every libpq URL option (sslmode, several hosts, ...) working.
+            dsn=dsn,
+            min_size=self.settings.pool_min_size,
+            max_size=self.settings.pool_max_size,
+            timeout=self.settings.connect_timeout,
+            max_inactive_connection_lifetime=self.settings.pool_max_idle,
+            statement_cache_size=self.settings.statement_cache_size,
+            server_settings=server_settings,
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Open the pool (DB_POOL_MIN_SIZE connections) and check that the server answers.
+
+        With no DATABASE_URL the embedded PostgreSQL is started (or joined) first.
+        """
+        if self._database is not None:
+            return
+        url = self.settings.database_url
+        if url is None:
+            self._embedded = contextlib.ExitStack()
+            url = await anyio.to_thread.run_sync(
+                self._embedded.enter_context, embedded_postgres(self.settings.data_dir)
+            )
+            self.settings = self.settings.with_database_url(url)
+        database = self._build_database(url)
+        try:
+            with anyio.fail_after(self.settings.connect_timeout + 1):
+                await database.connect()
+            self._database = database
+            await self.fetch_val("SELECT 1")
+        except _UNREACHABLE as exc:
+            await self.disconnect()
+            raise DatabaseUnavailable(self._unreachable_message(exc)) from None
+        logger.info(
+            "database pool open: %s (min %d, max %d connections)",
+            self.settings.masked_database_url,
+            self.settings.pool_min_size,
+            self.settings.pool_max_size,
+        )
+
+    async def disconnect(self) -> None:
+        database, self._database = self._database, None
+        try:
+            if database is not None and database.is_connected:
+                await database.disconnect()
+                logger.info("database pool closed")
+        finally:
+            embedded, self._embedded = self._embedded, None
+            if embedded is not None:
+                await anyio.to_thread.run_sync(embedded.close)
+            self.settings = self._configured
+
+    async def __aenter__(self) -> DatabaseClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.disconnect()
+
+    @property
+    def is_connected(self) -> bool:
+        return self._database is not None
+
+    def _unreachable_message(self, exc: BaseException) -> str:
+        url = urlsplit(self.settings.database_url or "")
+        if url.hostname:
+            where = f"{url.hostname}:{url.port or 5432}"
+        else:
+            where = mask_password(self.settings.database_url or "")
+        reason = str(exc) or type(exc).__name__
+        if isinstance(exc, TimeoutError):
+            reason = f"no answer within {self.settings.connect_timeout:g} s (DB_CONNECT_TIMEOUT)"
+        return f"cannot reach PostgreSQL at {where}: {reason}"
+
+    # -- the pool -------------------------------------------------------------------------------
+
+    def _pool(self) -> Any:
+        # databases keeps its asyncpg pool on the backend; it offers no acquire timeout, so we
+        # acquire from the pool itself.
+        if self._database is None:
+            raise RuntimeError("the DatabaseClient is not connected; call connect() first")
+        pool = self._database._backend._pool
+        if pool is None:
+            raise RuntimeError("the DatabaseClient is not connected; call connect() first")
+        return pool
+
+    async def _acquire(self) -> Any:
+        pool = self._pool()
+        self._waiting += 1
+        try:
+            return await pool.acquire(timeout=self.settings.pool_timeout)
+        except TimeoutError:
+            raise PoolTimeout(
+                f"couldn't get a database connection within {self.settings.pool_timeout:.2f} s "
+                f"(DB_POOL_TIMEOUT): all {pool.get_max_size()} pooled connections are busy"
+            ) from None
+        except _CONNECTION_ERRORS as exc:
+            raise DatabaseUnavailable(self._unreachable_message(exc)) from None
+        finally:
+            self._waiting -= 1
+
+    async def _release(self, connection: Any, *, broken: bool) -> None:
+        if broken and not connection.is_closed():
+            logger.warning("discarding a broken database connection")
+            connection.terminate()
+        try:
+            await self._pool().release(connection, timeout=self.settings.connect_timeout)
+        except Exception as exc:
+            # asyncpg has already terminated the connection; the pool replaces it on demand.
+            logger.warning("a connection could not be reset and was discarded: %s", exc)
+
+    def pool_stats(self) -> PoolStats:
+        pool = self._pool()
+        size, idle = pool.get_size(), pool.get_idle_size()
+        return PoolStats(
+            size=size,
+            idle=idle,
+            in_use=size - idle,
+            max=pool.get_max_size(),
+            min=pool.get_min_size(),
+            waiting=self._waiting,
+        )
+
+    # -- running statements ---------------------------------------------------------------------
+
+    def _unit(self) -> _UnitOfWork | None:
+        unit = _current_unit.get()
+        if unit is None or unit.ended or unit.client is not self:
+            return None
+        return unit
+
+    async def _run(self, operation: Callable[[Any], Awaitable[T]], *, transactional: bool) -> T:
+        unit = self._unit()
+        if unit is not None:
+            return await unit.run(operation, transactional=transactional)
+        # No unit of work: this statement alone takes a connection, in autocommit.
+        standalone = _UnitOfWork(self)
+        try:
+            result = await standalone.run(operation, transactional=False)
+        finally:
+            await standalone.end(commit=False)
+        return result
+
+    async def fetch_all(self, query: Query, values: Values | None = None) -> list[Row]:
+        sql, args = _prepare(query, values)
+        rows = await self._run(lambda c: c.fetch(sql, *args), transactional=True)
+        return cast(list[Row], rows)
+
+    async def fetch_one(self, query: Query, values: Values | None = None) -> Row | None:
+        sql, args = _prepare(query, values)
+        return cast(
+            Row | None, await self._run(lambda c: c.fetchrow(sql, *args), transactional=True)
+        )
+
+    async def fetch_val(
+        self, query: Query, values: Values | None = None, column: int | str = 0
+    ) -> Any:
+        row = await self.fetch_one(query, values)
+        return None if row is None else row[column]
+
+    async def execute(self, query: Query, values: Values | None = None) -> Any:
+        """Run a statement; returns the first column of its first row (e.g. RETURNING id)."""
+        sql, args = _prepare(query, values)
+        return await self._run(lambda c: c.fetchval(sql, *args), transactional=True)
+
+    async def execute_many(self, query: Query, values: Sequence[Values]) -> None:
+        if not values:
+            return
+        prepared = [_prepare(query, each) for each in values]
+        sql = prepared[0][0]
+        await self._run(
+            lambda c: c.executemany(sql, [args for _, args in prepared]), transactional=True
+        )
+
+    async def iterate(
+        self, query: Query, values: Values | None = None, *, batch_size: int = 100
+    ) -> AsyncIterator[Row]:
+        """Stream rows through a server-side cursor, `batch_size` rows per round trip."""
+        sql, args = _prepare(query, values)
+        if self._unit() is None:
+            # A cursor lives in a transaction; outside a unit of work, make one for it.
+            async with self.transaction():
+                async for row in self.iterate(query, values, batch_size=batch_size):
+                    yield row
+            return
+        unit = self._unit()
+        assert unit is not None
+        cursor = await unit.run(lambda c: c.cursor(sql, *args), transactional=True)
+        while True:
+            # The lock is held per batch, not across the loop body, so the caller may run other
+            # queries between rows.
+            rows = await unit.run(lambda c: cursor.fetch(batch_size), transactional=True)
+            for row in rows:
+                yield cast(Row, row)
+            if len(rows) < batch_size:
+                return
+
+    async def fetch_one_before_transaction(
+        self, query: Query, values: Values | None = None
+    ) -> Row | None:
+        """A single read on the request's connection that opens no transaction.
+
+        For lookups that run before the endpoint (the authentication backend's token lookup):
+        a request whose endpoint makes no query of its own then pays no BEGIN/COMMIT. Once the
+        request's transaction has begun, the read simply runs inside it.
+        """
+        sql, args = _prepare(query, values)
+        return cast(
+            Row | None, await self._run(lambda c: c.fetchrow(sql, *args), transactional=False)
+        )
+
+    def keep_writes(self) -> None:
+        """Commit this request's writes even though it answers 4xx (e.g. a failed-login count).
+
+        An unhandled exception or a 5xx answer still rolls everything back.
+        """
+        unit = self._unit()
+        if unit is None:
+            raise RuntimeError("keep_writes() only applies inside a request's unit of work")
+        unit.keep_writes = True
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, *, isolation: str | None = None) -> AsyncIterator[None]:
+        """A unit of work: commits when the block ends normally, rolls back when it raises.
+
+        Outside a request this takes one connection for the block (queries from tasks started
+        inside share it). Inside a request or another transaction it is a savepoint.
+        """
+        unit = self._unit()
+        if unit is not None:
+            if isolation is not None:
+                raise ValueError("isolation can only be set on the outermost transaction")
+            savepoint = await unit.run(_start_savepoint, transactional=True)
+            try:
+                yield
+            except BaseException:
+                await unit.run(lambda c: savepoint.rollback(), transactional=True)
+                raise
+            await unit.run(lambda c: savepoint.commit(), transactional=True)
+            return
+
+        unit = _UnitOfWork(self, isolation=isolation)
+        token = _current_unit.set(unit)
+        try:
+            yield
+        except BaseException:
+            await unit.end(commit=False)
+            raise
+        else:
+            await unit.end(commit=True)
+        finally:
+            _current_unit.reset(token)
+
+
+async def _start_savepoint(connection: Any) -> Any:
+    savepoint = connection.transaction()
+    await savepoint.start()
+    return savepoint
+
+
+# ---------------------------------------------------------------------------------------------
+# The middleware
+
+
+class DatabaseMiddleware:
+    """Binds the app's DatabaseClient and a fresh unit of work to each HTTP request.
+
+    The request's transaction ends just before the response status line goes out: it commits
+    when the status is below 400 (or below 500 after keep_writes()) and the client is still
+    there; otherwise it rolls back. If the commit fails, the client gets a 5xx problem instead of
+    the endpoint's answer.
+    """
+
+    def __init__(self, app: ASGIApp, client: DatabaseClient) -> None:
+        self.app = app
+        self.client = client
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            with bind_db_client(self.client):
+                await self.app(scope, receive, send)
+            return
+
+        unit = _UnitOfWork(self.client)
+        client_token = _current_client.set(self.client)
+        unit_token = _current_unit.set(unit)
+        watcher = _DisconnectWatcher(receive)
+        response_started = False
+        replaced = False
+
+        async def send_ending_transaction(message: Message) -> None:
+            nonlocal response_started, replaced
+            if replaced:
+                return  # our error answer replaced the endpoint's; drop the rest of it
+            if message["type"] == "http.response.start":
+                response_started = True
+                status = message["status"]
+                commit = status < 400 or (unit.keep_writes and status < 500)
+                if commit and unit.in_transaction and await watcher.client_gone():
+                    commit = False
+                try:
+                    await unit.end(commit=commit)
+                except (CommitFailed, DatabaseUnavailable) as exc:
+                    replaced = True
+                    logger.error("%s; answering 5xx instead of %d", exc, status)
+                    await _error_response(exc)(scope, receive, send)
+                    return
+            await send(message)
+
+        try:
+            await self.app(scope, watcher.receive, send_ending_transaction)
+        except DatabaseUnavailable as exc:
+            await unit.end(commit=False)
+            if response_started:
+                raise
+            logger.warning("answering 503: %s", exc)
+            await _error_response(exc)(scope, receive, send)
+        except BaseException:
+            await unit.end(commit=False)
+            raise
+        else:
+            await unit.end(commit=False)  # no-op unless the app sent no response at all
+        finally:
+            _current_unit.reset(unit_token)
+            _current_client.reset(client_token)
+
+
+def _error_response(exc: Exception) -> Any:
+    if isinstance(exc, DatabaseUnavailable):
+        return problem_response(
+            503,
+            str(exc),
+            title="Database unavailable",
+            headers={"Retry-After": str(exc.retry_after)},
+        )
+    return problem_response(500, "The request's changes could not be saved; nothing was kept.")
+
+
+class _DisconnectWatcher:
+    """Wraps `receive` so the middleware can tell, before committing, that the client left."""
+
+    __slots__ = ("_body_read", "_gone", "_pending", "_receive")
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._pending: list[Message] = []  # messages we peeked at, replayed to the endpoint
+        self._body_read = False
+        self._gone = False
+
+    async def receive(self) -> Message:
+        message = self._pending.pop(0) if self._pending else await self._receive()
+        self._note(message)
+        return message
+
+    def _note(self, message: Message) -> None:
+        if message["type"] == "http.disconnect":
+            self._gone = True
+        elif not message.get("more_body", False):
+            self._body_read = True
+
+    async def client_gone(self) -> bool:
+        """True if the client has disconnected; never blocks and never loses a message."""
+        if not self._gone and not self._body_read:
+            # An unread body must be peeked past first: only after it can a disconnect show.
+            await self._peek()
+        if not self._gone and self._body_read:
+            await self._peek()
+        return self._gone
+
+    async def _peek(self) -> None:
+        # An already-cancelled scope: receive() returns only a message that is ready right now.
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            message = await self._receive()
+            self._pending.append(message)
+            self._note(message)

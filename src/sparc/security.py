@@ -1,0 +1,80 @@
+"""Security primitives: Argon2id password hashing off the event loop, and bearer tokens."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+from collections.abc import AsyncIterator
+from contextvars import ContextVar
+
+import anyio
+import anyio.to_thread
+from argon2 import PasswordHasher as Argon2Hasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+TOKEN_BYTES = 32
+
+_holding_slot: ContextVar[bool] = ContextVar("sparc_holding_hash_slot", default=False)
+
+
+class PasswordHasher:
+    """Argon2id in worker threads, at most `max_concurrency` hashes at once.
+
+    A hash costs tens of milliseconds of CPU; bounding how many run at once keeps a burst of
+    logins from starving every other request of CPU.
+    """
+
+    def __init__(self, max_concurrency: int | None = None) -> None:
+        self._argon2 = Argon2Hasher()  # RFC 9106 low-memory profile: t=3, m=64 MiB, p=4
+        self._limiter = anyio.CapacityLimiter(max_concurrency or os.cpu_count() or 1)
+        self._dummy_hash: str | None = None
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Reserve a hashing slot for a whole block (hash/verify inside reuse it).
+
+        Login takes the slot before its first query, so requests queued for CPU do not also
+        sit on pooled database connections.
+        """
+        if _holding_slot.get():
+            yield
+            return
+        async with self._limiter:
+            token = _holding_slot.set(True)
+            try:
+                yield
+            finally:
+                _holding_slot.reset(token)
+
+    async def hash(self, password: str) -> str:
+        async with self.slot():
+            return await anyio.to_thread.run_sync(self._argon2.hash, password)
+
+    async def verify(self, password_hash: str | None, password: str) -> bool:
+        """Check `password`; with no stored hash, burn the same time on a dummy and fail."""
+        async with self.slot():
+            if password_hash is None:
+                if self._dummy_hash is None:
+                    self._dummy_hash = await anyio.to_thread.run_sync(
+                        self._argon2.hash, secrets.token_urlsafe(16)
+                    )
+                password_hash, password = self._dummy_hash, password + "\x00"
+            try:
+                return await anyio.to_thread.run_sync(self._argon2.verify, password_hash, password)
+            except (VerificationError, InvalidHashError):
+                return False
+
+    def needs_rehash(self, password_hash: str) -> bool:
+        return self._argon2.check_needs_rehash(password_hash)
+
+
+def new_token() -> tuple[str, bytes]:
+    """A fresh bearer token and the SHA-256 digest that is all the database ever stores."""
+    token = secrets.token_urlsafe(TOKEN_BYTES)
+    return token, hash_token(token)
+
+
+def hash_token(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
