@@ -20,6 +20,10 @@ from sparc.settings import Settings, SettingsError, load_settings
 logger = logging.getLogger("sparc")
 
 
+class MigrationFailed(Exception):
+    """`alembic upgrade head` failed; nothing of the failed revision was applied."""
+
+
 class _Stop(Exception):
     """SIGTERM or SIGINT arrived: unwind so the embedded PostgreSQL is stopped on the way out."""
 
@@ -67,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(settings, host=args.host, port=args.port, workers=args.workers)
     except _Stop:
         return 0
-    except DatabaseUnavailable as exc:
+    except (DatabaseUnavailable, MigrationFailed) as exc:
         print(f"sparc: {exc}", file=sys.stderr)
         return 1
 
@@ -81,7 +85,12 @@ def _database(settings: Settings) -> Iterator[Settings]:
             settings = settings.with_database_url(url)
         asyncio.run(_check_reachable(settings))
         assert settings.database_url is not None
-        upgrade(settings.database_url)
+        try:
+            upgrade(settings.database_url)
+        except Exception as exc:
+            raise MigrationFailed(
+                f"migrating {settings.masked_database_url} failed: {exc}"
+            ) from None
         logger.info("database schema is up to date (%s)", settings.masked_database_url)
         yield settings
 

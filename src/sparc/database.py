@@ -93,6 +93,8 @@ class CommitFailed(Exception):
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     asyncpg.InterfaceError,
+    # The protocol lost track of the connection's state (e.g. the server hung up mid-exchange).
+    asyncpg.exceptions.InternalClientError,
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,
 )
@@ -103,6 +105,13 @@ _UNREACHABLE: tuple[type[BaseException], ...] = (
     DatabaseUnavailable,
     *_CONNECTION_ERRORS,
 )
+
+
+def _is_closed(connection: Any) -> bool:
+    try:
+        return bool(connection.is_closed())
+    except asyncpg.InterfaceError:
+        return True  # asyncpg already handed a connection that closed back to its pool
 
 
 def _translate(exc: BaseException) -> BaseException:
@@ -122,9 +131,9 @@ def _translate(exc: BaseException) -> BaseException:
 # ---------------------------------------------------------------------------------------------
 # Query preparation: ":name" text or SQLAlchemy Core, both turned into "$n" SQL for asyncpg.
 
-# The same rule as SQLAlchemy's text(): ":name" is a parameter unless it is part of "::" (a cast)
-# or escaped as "\:".
-_NAMED_PARAMETER = re.compile(r"(?<![:\w\\]):(\w+)(?!:)")
+# As in SQLAlchemy's text(), ":name" is a parameter unless escaped as "\:" or glued to a word or
+# another colon (so '10:30' and "::type" are left alone); unlike text(), ":name::type" works.
+_NAMED_PARAMETER = re.compile(r"(?<![:\w\\]):(\w+)(?!:(?!:))")
 _DIALECT = PGDialect_asyncpg()  # type: ignore[no-untyped-call]
 
 
@@ -210,7 +219,7 @@ class _UnitOfWork:
                     self._transaction = transaction
                 return await operation(connection)
             except BaseException as exc:
-                if isinstance(exc, _CONNECTION_ERRORS) or connection.is_closed():
+                if isinstance(exc, _CONNECTION_ERRORS) or _is_closed(connection):
                     self._broken = True
                 translated = _translate(exc)
                 if translated is exc:
@@ -246,7 +255,7 @@ class _UnitOfWork:
                 self._broken = True  # the commit's outcome is unknown; never reuse this session
                 raise
             except Exception as exc:
-                if isinstance(exc, _CONNECTION_ERRORS) or self._connection.is_closed():
+                if isinstance(exc, _CONNECTION_ERRORS) or _is_closed(self._connection):
                     self._broken = True
                     raise DatabaseUnavailable(
                         f"lost the connection to PostgreSQL during commit: {exc}"
@@ -431,9 +440,13 @@ class DatabaseClient:
         try:
             return await pool.acquire(timeout=self.settings.pool_timeout)
         except TimeoutError:
+            if pool.get_size() >= pool.get_max_size():
+                why = f"all {pool.get_max_size()} pooled connections are busy"
+            else:
+                why = "opening a new connection took too long"
             raise PoolTimeout(
                 f"couldn't get a database connection within {self.settings.pool_timeout:.2f} s "
-                f"(DB_POOL_TIMEOUT): all {pool.get_max_size()} pooled connections are busy"
+                f"(DB_POOL_TIMEOUT): {why}"
             ) from None
         except _CONNECTION_ERRORS as exc:
             raise DatabaseUnavailable(self._unreachable_message(exc)) from None
@@ -441,7 +454,9 @@ class DatabaseClient:
             self._waiting -= 1
 
     async def _release(self, connection: Any, *, broken: bool) -> None:
-        if broken and not connection.is_closed():
+        if _is_closed(connection):
+            logger.warning("a database connection was lost; the pool will open a new one")
+        elif broken:
             logger.warning("discarding a broken database connection")
             connection.terminate()
         try:
@@ -654,7 +669,8 @@ class DatabaseMiddleware:
             await unit.end(commit=False)
             if response_started:
                 raise
-            logger.warning("answering 503: %s", exc)
+            # Info, not warning: under overload this fires for every refused request.
+            logger.info("answering 503: %s", exc)
             await _error_response(exc)(scope, receive, send)
         except BaseException:
             await unit.end(commit=False)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -82,16 +81,18 @@ def check_database_url(url: str, *, variable: str) -> None:
 def load_settings(
     environ: Mapping[str, str] | None = None, *, read_dotenv: bool = True
 ) -> Settings:
-    """Read the settings from `environ` (default: the process environment plus ./.env).
+    """Read the settings from `environ` (default: the process environment, then ./.env).
 
     Raises SettingsError, whose one-line message names the variable and the bad value.
     """
     if environ is None:
+        env = Env(expand_vars=False)
         if read_dotenv:
-            # Values already in the environment win over the file, as with any .env loader.
-            Env().read_env(str(Path.cwd() / ".env"), recurse=False)
-        environ = os.environ
-    reader = _Reader(environ)
+            # Values already in the process environment win over the file.
+            env.read_env(str(Path.cwd() / ".env"), recurse=False)
+        reader = _Reader(lambda name: env.str(name, None))
+    else:
+        reader = _Reader(environ.get)
     return Settings(
         database_url=reader.optional_str("DATABASE_URL"),
         pool_min_size=reader.integer("DB_POOL_MIN_SIZE", 1, minimum=0),
@@ -108,11 +109,11 @@ def load_settings(
 class _Reader:
     """Turns raw strings into typed values, each failure a SettingsError naming the variable."""
 
-    def __init__(self, environ: Mapping[str, str]) -> None:
-        self._environ = environ
+    def __init__(self, lookup: Callable[[str], str | None]) -> None:
+        self._lookup = lookup
 
     def _raw(self, name: str) -> str | None:
-        value = self._environ.get(name)
+        value = self._lookup(name)
         if value is None or value.strip() == "":
             return None
         return value.strip()

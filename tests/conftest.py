@@ -1,0 +1,134 @@
+"""Shared fixtures: a real PostgreSQL (TEST_DATABASE_URL, else an embedded one) and a fresh,
+migrated database per test, cloned from a template."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import anyio.to_thread
+import asyncpg
+import httpx
+import pytest
+from starlette.applications import Starlette
+
+from sparc.app import create_app
+from sparc.embedded import embedded_postgres
+from sparc.migrations import upgrade
+from sparc.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"  # asyncpg and encode/databases are asyncio-only
+
+
+def with_database(url: str, name: str) -> str:
+    """`url` pointing at database `name` (query options such as a socket host are kept)."""
+    return urlunsplit(urlsplit(url)._replace(path="/" + name))
+
+
+def asyncpg_dsn(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+@pytest.fixture(scope="session")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An admin URL of the PostgreSQL server the tests use."""
+    configured = os.environ.get("TEST_DATABASE_URL")
+    if configured:
+        yield configured
+        return
+    data_dir = tmp_path_factory.mktemp("embedded")
+    with embedded_postgres(data_dir, database="postgres") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def template_database(server_url: str) -> Iterator[str]:
+    """A database migrated to head once per session; each test gets a copy."""
+    name = f"sparc_template_{os.getpid()}"
+
+    async def recreate() -> None:
+        admin = await asyncpg.connect(asyncpg_dsn(server_url))
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await admin.close()
+
+    async def drop() -> None:
+        admin = await asyncpg.connect(asyncpg_dsn(server_url))
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+    anyio.run(recreate)
+    upgrade(with_database(server_url, name))
+    yield name
+    anyio.run(drop)
+
+
+@pytest.fixture
+async def database_url(server_url: str, template_database: str) -> AsyncIterator[str]:
+    """A fresh database with the full schema, dropped after the test."""
+    name = f"sparc_test_{uuid.uuid4().hex[:16]}"
+    admin = await asyncpg.connect(asyncpg_dsn(server_url))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+        yield with_database(server_url, name)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture
+async def admin(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of the test's own, outside SPARC's pool, to look at what SPARC did."""
+    connection = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    return Settings(database_url=database_url, pool_max_size=5)
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    """Run the app's lifespan and give an HTTP client that talks to it in-process."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://sparc.test") as http:
+            yield http
+
+
+@pytest.fixture
+async def http(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client for the full SPARC app on the test's database."""
+    async with serving(create_app(settings)) as client:
+        yield client
+
+
+async def poll_until(
+    check: Callable[[], bool], *, within: float = 10.0, every: float = 0.02
+) -> None:
+    """Re-check `check` every `every` seconds until it holds; fail after `within` seconds."""
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not true after {within} s: {check}")
+        await anyio.sleep(every)
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -1,0 +1,228 @@
+"""The `sparc` command as an operator runs it: real processes, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import REPO_ROOT, asyncpg_dsn, with_database
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def sparc_env(**overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "TEST_DATABASE_URL"}}
+    env.update(overrides)
+    return env
+
+
+def poll(url: str, *, process: subprocess.Popen[str], timeout: float = 60) -> httpx.Response:
+    """GET `url` until it answers 200, while the server process is alive."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            _, stderr = process.communicate()
+            raise AssertionError(f"sparc exited early with {process.returncode}: {stderr}")
+        try:
+            response = httpx.get(url, timeout=2)
+            if response.status_code == 200:
+                return response
+        except httpx.TransportError as exc:
+            last = exc
+        time.sleep(0.05)
+    raise AssertionError(f"{url} never answered 200: {last}")
+
+
+def stop(process: subprocess.Popen[str], sig: signal.Signals = signal.SIGTERM) -> tuple[int, str]:
+    """Signal the server, wait for it to exit; its exit code and what it wrote to stderr."""
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=30)
+    return process.returncode, stderr
+
+
+def postgres_processes_using(data_dir: Path) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["name", "cmdline"]):
+        try:
+            cmdline = " ".join(process.info["cmdline"] or [])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if "postgres" in (process.info["name"] or "") and str(data_dir) in cmdline:
+            found.append(process)
+    return found
+
+
+@pytest.fixture
+def cli_database(server_url: str) -> Iterator[str]:
+    """An empty database (no schema: `sparc serve` must migrate it)."""
+    import anyio
+
+    name = f"sparc_cli_{os.getpid()}_{time.monotonic_ns()}"
+
+    async def admin(sql: str) -> None:
+        connection = await asyncpg.connect(asyncpg_dsn(server_url))
+        try:
+            await connection.execute(sql)
+        finally:
+            await connection.close()
+
+    anyio.run(admin, f'CREATE DATABASE "{name}"')
+    yield with_database(server_url, name)
+    anyio.run(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def start_serve(env: dict[str, str], *args: str, cwd: Path) -> tuple[subprocess.Popen[str], str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sparc", "serve", "--port", str(port), *args],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return process, f"http://127.0.0.1:{port}"
+
+
+def test_serve_migrates_serves_and_stops_on_sigterm(cli_database: str, tmp_path: Path) -> None:
+    # The test servers trust local connections, so any password gets in; it must never show.
+    url = with_password(cli_database, "pw-must-not-leak")
+    process, base = start_serve(sparc_env(DATABASE_URL=url), cwd=tmp_path)
+    try:
+        poll(f"{base}/readyz", process=process)
+        created = httpx.post(
+            f"{base}/auth/register", json={"email": "cli@example.org", "password": "long enough"}
+        )
+        assert created.status_code == 201
+    finally:
+        code, stderr = stop(process)
+    assert code == 0, stderr
+    assert "database pool open" in stderr
+    assert "pw-must-not-leak" not in stderr
+
+
+def with_password(url: str, password: str) -> str:
+    parts = urlsplit(url)
+    user, _, host = parts.netloc.rpartition("@")
+    user = user.split(":")[0] or "postgres"
+    return urlunsplit(parts._replace(netloc=f"{user}:{password}@{host}"))
+
+
+def test_serve_with_two_workers_shares_nothing_but_the_database(
+    cli_database: str, tmp_path: Path
+) -> None:
+    process, base = start_serve(
+        sparc_env(DATABASE_URL=cli_database), "--workers", "2", cwd=tmp_path
+    )
+    try:
+        body = poll(f"{base}/readyz", process=process).json()
+        assert body["pool"]["max"] == 10
+        for _ in range(10):
+            assert httpx.get(f"{base}/healthz").status_code == 200
+    finally:
+        code, stderr = stop(process)
+    assert code == 0, stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_embedded_postgres_starts_and_stops_with_serve(tmp_path: Path, sig: signal.Signals) -> None:
+    data_dir = tmp_path / "data"
+    process, base = start_serve(sparc_env(SPARC_DATA_DIR=str(data_dir)), cwd=tmp_path)
+    try:
+        assert poll(f"{base}/readyz", process=process).json()["status"] == "ready"
+        assert postgres_processes_using(data_dir)
+    finally:
+        code, stderr = stop(process, sig)
+    assert code == 0, stderr
+    assert postgres_processes_using(data_dir) == []
+    assert not (data_dir / "postgres" / "postmaster.pid").exists()
+
+
+def test_unreachable_database_fails_fast_with_one_line(tmp_path: Path) -> None:
+    env = sparc_env(
+        DATABASE_URL="postgresql://sparc:hunter2@127.0.0.1:9/sparc", DB_CONNECT_TIMEOUT="1"
+    )
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "sparc", "serve", "--port", str(free_port())],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    elapsed = time.monotonic() - started
+    assert result.returncode == 1
+    assert elapsed < 1 + 5
+    errors = [line for line in result.stderr.splitlines() if line.startswith("sparc:")]
+    assert errors == [errors[0]] and "127.0.0.1:9" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert "hunter2" not in result.stderr + result.stdout
+
+
+def test_migrate_works_from_any_directory(cli_database: str, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sparc", "migrate"],
+        env=sparc_env(DATABASE_URL=cli_database),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    tables = _tables(cli_database)
+    assert {"users", "sessions", "alembic_version"} <= tables
+
+
+def test_alembic_upgrade_and_downgrade_from_the_repo_root(cli_database: str) -> None:
+    env = sparc_env(DATABASE_URL=cli_database)
+    alembic = [sys.executable, "-m", "alembic"]
+    for command, expected in (
+        (["upgrade", "head"], {"users", "sessions"}),
+        (["downgrade", "base"], set()),
+        (["upgrade", "head"], {"users", "sessions"}),
+    ):
+        result = subprocess.run(
+            [*alembic, *command],
+            env=env,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        assert _tables(cli_database) - {"alembic_version"} == expected
+
+
+def _tables(url: str) -> set[str]:
+    import anyio
+
+    async def names() -> set[str]:
+        connection = await asyncpg.connect(asyncpg_dsn(url))
+        try:
+            rows = await connection.fetch(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+            )
+            return {row["tablename"] for row in rows}
+        finally:
+            await connection.close()
+
+    return anyio.run(names)

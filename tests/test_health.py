@@ -1,0 +1,51 @@
+"""Liveness and readiness probes."""
+
+from __future__ import annotations
+
+import asyncpg
+import httpx
+import pytest
+
+from tests.conftest import asyncpg_dsn
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_healthz_needs_no_database(http: httpx.AsyncClient) -> None:
+    response = await http.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+async def test_readyz_reports_the_pool(http: httpx.AsyncClient) -> None:
+    response = await http.get("/readyz")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ready"
+    assert set(body["pool"]) == {"size", "idle", "in_use", "max"}
+    assert body["pool"]["max"] == 5
+    assert body["pool"]["in_use"] == 0
+    assert body["pool"]["size"] >= 1
+
+
+async def test_readyz_is_503_when_the_database_refuses_connections(
+    http: httpx.AsyncClient, database_url: str, server_url: str
+) -> None:
+    name = database_url.split("?")[0].rsplit("/", 1)[1]
+    admin = await asyncpg.connect(asyncpg_dsn(server_url))
+    try:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+        )
+        response = await http.get("/readyz")
+        assert response.status_code == 503
+        assert response.headers["content-type"] == "application/problem+json"
+        assert "retry-after" in response.headers
+        assert (await http.get("/healthz")).status_code == 200
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        # Healed by itself: broken connections were discarded, a new one is opened on demand.
+        assert (await http.get("/readyz")).status_code == 200
+    finally:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        await admin.close()
