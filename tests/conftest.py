@@ -22,6 +22,7 @@ from sparc.app import create_app
 from sparc.embedded import embedded_postgres
 from sparc.migrations import upgrade
 from sparc.settings import Settings
+from tests.openapi_check import check_response_hook
 
 
 @pytest.fixture(scope="session")
@@ -105,18 +106,27 @@ def settings(database_url: str) -> Settings:
 
 
 @contextlib.asynccontextmanager
-async def serving(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
-    """Run the app's lifespan and give an HTTP client that talks to it in-process."""
+async def serving(
+    app: Starlette, *, check_openapi: bool = False
+) -> AsyncIterator[httpx.AsyncClient]:
+    """Run the app's lifespan and give an HTTP client that talks to it in-process.
+
+    With `check_openapi`, every response is validated against SPARC's OpenAPI document.
+    """
+    hooks = {"response": [check_response_hook]} if check_openapi else {}
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://sparc.test") as http:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://sparc.test", event_hooks=hooks
+        ) as http:
             yield http
 
 
 @pytest.fixture
 async def http(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """An HTTP client for the full SPARC app on the test's database."""
-    async with serving(create_app(settings)) as client:
+    """An HTTP client for the full SPARC app on the test's database; every response it gets
+    is checked against the OpenAPI document."""
+    async with serving(create_app(settings), check_openapi=True) as client:
         yield client
 
 

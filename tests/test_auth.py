@@ -13,39 +13,9 @@ from sparc import database
 from sparc.app import create_app
 from sparc.settings import Settings
 from tests.conftest import serving
+from tests.helpers import PASSWORD, assert_problem, bearer, login, register, token_for
 
 pytestmark = pytest.mark.anyio
-
-PASSWORD = "correct horse battery"
-
-
-async def register(http: httpx.AsyncClient, email: str, password: str = PASSWORD) -> httpx.Response:
-    return await http.post("/auth/register", json={"email": email, "password": password})
-
-
-async def login(http: httpx.AsyncClient, email: str, password: str = PASSWORD) -> httpx.Response:
-    return await http.post("/auth/login", json={"email": email, "password": password})
-
-
-async def token_for(http: httpx.AsyncClient, email: str) -> str:
-    assert (await register(http, email)).status_code == 201
-    response = await login(http, email)
-    assert response.status_code == 200
-    token: str = response.json()["access_token"]
-    return token
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def assert_problem(response: httpx.Response, status: int) -> dict[str, object]:
-    assert response.status_code == status
-    assert response.headers["content-type"] == "application/problem+json"
-    body: dict[str, object] = response.json()
-    assert body["status"] == status
-    assert body["title"] and body["detail"]
-    return body
 
 
 async def test_register_creates_an_account(

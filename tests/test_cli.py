@@ -196,9 +196,9 @@ def test_alembic_upgrade_and_downgrade_from_the_repo_root(cli_database: str) -> 
     env = sparc_env(DATABASE_URL=cli_database)
     alembic = [sys.executable, "-m", "alembic"]
     for command, expected in (
-        (["upgrade", "head"], {"users", "sessions"}),
+        (["upgrade", "head"], {"users", "sessions", "login_throttles", "auth_events"}),
         (["downgrade", "base"], set()),
-        (["upgrade", "head"], {"users", "sessions"}),
+        (["upgrade", "head"], {"users", "sessions", "login_throttles", "auth_events"}),
     ):
         result = subprocess.run(
             [*alembic, *command],

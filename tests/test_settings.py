@@ -22,6 +22,11 @@ def test_defaults() -> None:
     assert settings.pool_max_idle == 300.0
     assert settings.statement_cache_size == 100
     assert settings.data_dir == DEFAULT_DATA_DIR
+    assert (settings.token_ttl, settings.token_idle_timeout) == (43200.0, 1800.0)
+    assert (settings.login_max_failures, settings.login_window) == (5, 900.0)
+    assert settings.login_ip_max_failures == 50
+    assert (settings.argon2_time_cost, settings.argon2_memory_kib) == (2, 19456)
+    assert settings.argon2_parallelism == 1
 
 
 def test_every_variable_is_read() -> None:
@@ -36,6 +41,15 @@ def test_every_variable_is_read() -> None:
             "DB_POOL_MAX_IDLE": "60",
             "DB_STATEMENT_CACHE_SIZE": "0",
             "SPARC_DATA_DIR": "/srv/sparc",
+            "SPARC_TOKEN_TTL": "1h",
+            "SPARC_TOKEN_IDLE_TIMEOUT": "10m",
+            "SPARC_LOGIN_MAX_FAILURES": "3",
+            "SPARC_LOGIN_WINDOW": "5m",
+            "SPARC_LOGIN_IP_MAX_FAILURES": "30",
+            "SPARC_HASH_CONCURRENCY": "4",
+            "SPARC_ARGON2_TIME_COST": "3",
+            "SPARC_ARGON2_MEMORY_KIB": "65536",
+            "SPARC_ARGON2_PARALLELISM": "4",
         }
     )
     assert settings == Settings(
@@ -48,6 +62,15 @@ def test_every_variable_is_read() -> None:
         pool_max_idle=60.0,
         statement_cache_size=0,
         data_dir=Path("/srv/sparc"),
+        token_ttl=3600.0,
+        token_idle_timeout=600.0,
+        login_max_failures=3,
+        login_window=300.0,
+        login_ip_max_failures=30,
+        hash_concurrency=4,
+        argon2_time_cost=3,
+        argon2_memory_kib=65536,
+        argon2_parallelism=4,
     )
 
 
@@ -63,12 +86,23 @@ def test_every_variable_is_read() -> None:
         ("DB_POOL_MAX_SIZE", "0", "at least 1"),
         ("DB_POOL_MAX_SIZE", "2.5", "not a whole number"),
         ("DB_POOL_TIMEOUT", "0", "more than 0"),
-        ("DB_POOL_TIMEOUT", "soon", "not a number of seconds"),
-        ("DB_CONNECT_TIMEOUT", "-3", "more than 0"),
-        ("DB_CONNECT_TIMEOUT", "inf", "more than 0"),
-        ("DB_STATEMENT_TIMEOUT", "-1", "0 or more"),
-        ("DB_POOL_MAX_IDLE", "nan", "0 or more"),
+        ("DB_POOL_TIMEOUT", "0ms", "more than 0"),
+        ("DB_POOL_TIMEOUT", "soon", "not a duration"),
+        ("DB_CONNECT_TIMEOUT", "-3", "not a duration"),
+        ("DB_CONNECT_TIMEOUT", "inf", "not a duration"),
+        ("DB_STATEMENT_TIMEOUT", "-1", "not a duration"),
+        ("DB_STATEMENT_TIMEOUT", "5 weeks", "not a duration"),
+        ("DB_POOL_MAX_IDLE", "nan", "not a duration"),
         ("DB_STATEMENT_CACHE_SIZE", "-5", "at least 0"),
+        ("SPARC_TOKEN_TTL", "0", "more than 0"),
+        ("SPARC_TOKEN_IDLE_TIMEOUT", "forever", "not a duration"),
+        ("SPARC_LOGIN_MAX_FAILURES", "0", "at least 1"),
+        ("SPARC_LOGIN_WINDOW", "-15m", "not a duration"),
+        ("SPARC_LOGIN_IP_MAX_FAILURES", "many", "not a whole number"),
+        ("SPARC_HASH_CONCURRENCY", "0", "at least 1"),
+        ("SPARC_ARGON2_TIME_COST", "0", "at least 1"),
+        ("SPARC_ARGON2_MEMORY_KIB", "4", "at least 8"),
+        ("SPARC_ARGON2_PARALLELISM", "0", "at least 1"),
     ],
 )
 def test_bad_value_names_the_variable_and_value(variable: str, value: str, complaint: str) -> None:
@@ -78,6 +112,28 @@ def test_bad_value_names_the_variable_and_value(variable: str, value: str, compl
     assert message.startswith(f"{variable}=")
     assert complaint in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("30", 30.0),
+        ("0.5", 0.5),
+        ("250ms", 0.25),
+        ("45s", 45.0),
+        ("15m", 900.0),
+        ("12h", 43200.0),
+        ("1d", 86400.0),
+        ("2 H", 7200.0),
+    ],
+)
+def test_durations_take_units(text: str, seconds: float) -> None:
+    assert load_settings({"SPARC_TOKEN_TTL": text}).token_ttl == seconds
+
+
+def test_argon2_memory_must_cover_every_lane() -> None:
+    with pytest.raises(SettingsError, match="SPARC_ARGON2_MEMORY_KIB=16 is below"):
+        load_settings({"SPARC_ARGON2_MEMORY_KIB": "16", "SPARC_ARGON2_PARALLELISM": "4"})
 
 
 def test_min_above_max_is_refused() -> None:

@@ -10,11 +10,12 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 
-from sparc import auth, health
+from sparc import audit, auth, health, identity, openapi, sessions
 from sparc.database import DatabaseClient, DatabaseMiddleware
 from sparc.problems import Problem, handle_http_exception, handle_problem, handle_server_error
 from sparc.security import PasswordHasher
 from sparc.settings import Settings, load_settings
+from sparc.throttle import LoginThrottle
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -33,13 +34,19 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await client.disconnect()
 
     app = Starlette(
-        routes=[*health.routes, *auth.routes],
+        routes=[
+            *health.routes,
+            *auth.routes,
+            *sessions.routes,
+            *audit.routes,
+            *openapi.routes,
+        ],
         middleware=[
             Middleware(DatabaseMiddleware, client=client),
             Middleware(
                 AuthenticationMiddleware,
-                backend=auth.BearerTokenBackend(),
-                on_error=auth.authentication_failed,
+                backend=identity.BearerTokenBackend(idle_timeout=settings.token_idle_timeout),
+                on_error=identity.authentication_failed,
             ),
         ],
         exception_handlers={
@@ -51,5 +58,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
     app.state.settings = settings
     app.state.db_client = client
-    app.state.password_hasher = PasswordHasher()
+    app.state.password_hasher = PasswordHasher.from_settings(settings)
+    app.state.login_throttle = LoginThrottle(
+        max_failures=settings.login_max_failures,
+        ip_max_failures=settings.login_ip_max_failures,
+        window=settings.login_window,
+    )
     return app

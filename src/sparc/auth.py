@@ -1,98 +1,32 @@
-"""The auth API: register, log in, who am I, log out; every query through get_db_client()."""
+"""The account endpoints: register, log in, who am I, log out, change password."""
 
 from __future__ import annotations
 
 import re
-import uuid
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
-from starlette.authentication import (
-    AuthCredentials,
-    AuthenticationBackend,
-    AuthenticationError,
-    BaseUser,
-)
-from starlette.requests import HTTPConnection, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from sparc import audit
 from sparc.database import UniqueViolation, get_db_client
+from sparc.identity import BEARER_CHALLENGE, current_user
 from sparc.payloads import FieldErrors, read_json_object
-from sparc.problems import Problem, problem_response
-from sparc.security import PasswordHasher, hash_token, new_token
+from sparc.problems import Problem
+from sparc.security import PasswordHasher, new_token
+from sparc.settings import Settings
+from sparc.throttle import LoginThrottle
 
-TOKEN_LIFETIME = timedelta(hours=12)
 PASSWORD_MIN_LENGTH = 8
 PASSWORD_MAX_LENGTH = 256
 EMAIL_MAX_LENGTH = 254
 _EMAIL_SHAPE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
-_BEARER = {"WWW-Authenticate": "Bearer"}
 
 
-@dataclass(frozen=True, slots=True)
-class AuthenticatedUser(BaseUser):
-    id: uuid.UUID
-    email: str
-    created_at: datetime
-    session_id: uuid.UUID
-
-    @property
-    def is_authenticated(self) -> bool:
-        return True
-
-    @property
-    def display_name(self) -> str:
-        return self.email
-
-    @property
-    def identity(self) -> str:
-        return str(self.id)
-
-
-class BearerTokenBackend(AuthenticationBackend):
-    """Finds the session of an `Authorization: Bearer <token>` header.
-
-    The lookup is one read on the request's connection that opens no transaction, so an
-    endpoint that queries nothing itself (GET /auth/me) costs no BEGIN/COMMIT.
-    """
-
-    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, BaseUser] | None:
-        header = conn.headers.get("authorization")
-        if header is None:
-            return None
-        scheme, _, token = header.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token or " " in token:
-            raise AuthenticationError("The Authorization header must be 'Bearer <token>'.")
-        row = await get_db_client().fetch_one_before_transaction(
-            """
-            SELECT s.id AS session_id, u.id, u.email, u.created_at
-            FROM sessions s JOIN users u ON u.id = s.user_id
-            WHERE s.token_hash = :token_hash AND s.expires_at > now()
-            """,
-            {"token_hash": hash_token(token)},
-        )
-        if row is None:
-            return None
-        user = AuthenticatedUser(
-            id=row["id"],
-            email=row["email"],
-            created_at=row["created_at"],
-            session_id=row["session_id"],
-        )
-        return AuthCredentials(["authenticated"]), user
-
-
-def authentication_failed(conn: HTTPConnection, exc: AuthenticationError) -> Response:
-    return problem_response(401, str(exc), headers=_BEARER)
-
-
-def _current_user(request: Request) -> AuthenticatedUser:
-    user = request.user
-    if not isinstance(user, AuthenticatedUser):
-        raise Problem(401, "A valid bearer token is required.", headers=_BEARER)
-    return user
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
 
 
 def _hasher(request: Request) -> PasswordHasher:
@@ -100,20 +34,44 @@ def _hasher(request: Request) -> PasswordHasher:
     return hasher
 
 
-async def _credentials(request: Request, *, new_password: bool) -> tuple[str, str]:
-    body = await read_json_object(request)
-    errors = FieldErrors()
+def _throttle(request: Request) -> LoginThrottle:
+    throttle: LoginThrottle = request.app.state.login_throttle
+    return throttle
+
+
+def _check_email(errors: FieldErrors, body: dict[str, object]) -> str:
     email = errors.string(body, "email", min_length=3, max_length=EMAIL_MAX_LENGTH).strip()
-    if email and not errors.errors and not _EMAIL_SHAPE.match(email):
+    already_wrong = any(error["field"] == "email" for error in errors.errors)
+    if email and not already_wrong and not _EMAIL_SHAPE.match(email):
         errors.add("email", "is not an email address")
-    minimum = PASSWORD_MIN_LENGTH if new_password else 1
-    password = errors.string(body, "password", min_length=minimum, max_length=PASSWORD_MAX_LENGTH)
-    errors.raise_if_any()
-    return email, password
+    return email
+
+
+def _check_new_password(errors: FieldErrors, body: dict[str, object], field: str) -> str:
+    return errors.string(
+        body, field, min_length=PASSWORD_MIN_LENGTH, max_length=PASSWORD_MAX_LENGTH
+    )
+
+
+def _check_given_password(errors: FieldErrors, body: dict[str, object], field: str) -> str:
+    # A password being checked only needs a bound, so nobody can make us hash megabytes.
+    return errors.string(body, field, min_length=1, max_length=PASSWORD_MAX_LENGTH)
+
+
+def _throttled(retry_after: int) -> Problem:
+    return Problem(
+        429,
+        f"Too many failed logins: try again in {retry_after} seconds.",
+        headers={"Retry-After": str(retry_after)},
+    )
 
 
 async def register(request: Request) -> Response:
-    email, password = await _credentials(request, new_password=True)
+    body = await read_json_object(request)
+    errors = FieldErrors()
+    email = _check_email(errors, body)
+    password = _check_new_password(errors, body, "password")
+    errors.raise_if_any()
     # Hash before the first query: the request holds no pooled connection while it burns CPU.
     password_hash = await _hasher(request).hash(password)
     try:
@@ -129,38 +87,71 @@ async def register(request: Request) -> Response:
         row = None
     if row is None:
         raise Problem(409, "An account with this email already exists.")
+    await audit.record("register", request, user_id=row["id"])
     return JSONResponse({"id": str(row["id"]), "email": row["email"]}, status_code=201)
 
 
 async def login(request: Request) -> Response:
-    email, password = await _credentials(request, new_password=False)
+    body = await read_json_object(request)
+    errors = FieldErrors()
+    email = errors.string(body, "email", min_length=1, max_length=EMAIL_MAX_LENGTH).strip()
+    password = _check_given_password(errors, body, "password")
+    errors.raise_if_any()
     db = get_db_client()
-    hasher = _hasher(request)
-    # Take the hashing slot before the connection, so logins queued for CPU hold no connection.
+    hasher, throttle = _hasher(request), _throttle(request)
+    ip = audit.client_ip(request)
+    # Take the hashing slot before the first query, so logins queued for CPU hold no connection.
     async with hasher.slot():
+        retry_after = await throttle.retry_after(email, ip)
+        if retry_after is not None:
+            await audit.record("login_throttled", request, email=email)
+            db.keep_writes()
+            raise _throttled(retry_after)
         user = await db.fetch_one(
             "SELECT id, password_hash FROM users WHERE lower(email) = lower(:email)",
             {"email": email},
         )
         # Unknown email and wrong password cost the same work and get the same answer.
         valid = await hasher.verify(user["password_hash"] if user else None, password)
+        rehashed = (
+            await hasher.hash(password)
+            if user is not None and valid and hasher.needs_rehash(user["password_hash"])
+            else None
+        )
     if user is None or not valid:
-        raise Problem(401, "The email or password is wrong.", headers=_BEARER)
+        await throttle.record_failure(email, ip)
+        await audit.record(
+            "login_failed",
+            request,
+            user_id=user["id"] if user else None,
+            email=None if user else email,
+        )
+        db.keep_writes()  # the failure counts and the audit entry outlive the 401
+        raise Problem(401, "The email or password is wrong.", headers=BEARER_CHALLENGE)
+
+    await throttle.forget_account(email)
+    if rehashed is not None:
+        await db.execute(
+            "UPDATE users SET password_hash = :password_hash WHERE id = :id",
+            {"password_hash": rehashed, "id": user["id"]},
+        )
     token, token_hash = new_token()
     expires_at = await db.fetch_val(
         """
         INSERT INTO sessions (user_id, token_hash, expires_at, user_agent, ip)
-        VALUES (:user_id, :token_hash, now() + CAST(:lifetime AS interval), :user_agent, :ip)
+        VALUES (:user_id, :token_hash, now() + CAST(:lifetime AS interval), :user_agent,
+                CAST(:ip AS inet))
         RETURNING expires_at
         """,
         {
             "user_id": user["id"],
             "token_hash": token_hash,
-            "lifetime": TOKEN_LIFETIME,
-            "user_agent": request.headers.get("user-agent", "")[:512] or None,
-            "ip": request.client.host if request.client else None,
+            "lifetime": timedelta(seconds=_settings(request).token_ttl),
+            "user_agent": audit.client_user_agent(request),
+            "ip": ip,
         },
     )
+    await audit.record("login_succeeded", request, user_id=user["id"])
     return JSONResponse(
         {"access_token": token, "token_type": "bearer", "expires_at": expires_at.isoformat()},
         headers={"Cache-Control": "no-store"},
@@ -168,15 +159,53 @@ async def login(request: Request) -> Response:
 
 
 async def me(request: Request) -> Response:
-    user = _current_user(request)
+    user = current_user(request)
     return JSONResponse(
         {"id": str(user.id), "email": user.email, "created_at": user.created_at.isoformat()}
     )
 
 
 async def logout(request: Request) -> Response:
-    user = _current_user(request)
+    user = current_user(request)
     await get_db_client().execute("DELETE FROM sessions WHERE id = :id", {"id": user.session_id})
+    await audit.record("logout", request, user_id=user.id)
+    return Response(status_code=204)
+
+
+async def change_password(request: Request) -> Response:
+    """Set a new password; every other session of the user ends, this one stays."""
+    user = current_user(request)
+    body = await read_json_object(request)
+    errors = FieldErrors()
+    current = _check_given_password(errors, body, "current_password")
+    new = _check_new_password(errors, body, "new_password")
+    errors.raise_if_any()
+    db = get_db_client()
+    hasher, throttle = _hasher(request), _throttle(request)
+    ip = audit.client_ip(request)
+    async with hasher.slot():
+        # A stolen token must not turn into unlimited password guesses.
+        retry_after = await throttle.retry_after(user.email, ip)
+        if retry_after is not None:
+            raise _throttled(retry_after)
+        stored = await db.fetch_val(
+            "SELECT password_hash FROM users WHERE id = :id", {"id": user.id}
+        )
+        valid = await hasher.verify(stored, current)
+        new_hash = await hasher.hash(new) if valid else None
+    if new_hash is None:
+        await throttle.record_failure(user.email, ip)
+        db.keep_writes()
+        raise Problem(401, "The current password is wrong.")
+    await db.execute(
+        "UPDATE users SET password_hash = :password_hash WHERE id = :id",
+        {"password_hash": new_hash, "id": user.id},
+    )
+    await db.execute(
+        "DELETE FROM sessions WHERE user_id = :user_id AND id <> :session_id",
+        {"user_id": user.id, "session_id": user.session_id},
+    )
+    await audit.record("password_changed", request, user_id=user.id)
     return Response(status_code=204)
 
 
@@ -185,4 +214,5 @@ routes = [
     Route("/auth/login", login, methods=["POST"]),
     Route("/auth/me", me, methods=["GET"]),
     Route("/auth/logout", logout, methods=["POST"]),
+    Route("/auth/password", change_password, methods=["POST"]),
 ]

@@ -14,6 +14,8 @@ import anyio.to_thread
 from argon2 import PasswordHasher as Argon2Hasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from sparc.settings import Settings
+
 TOKEN_BYTES = 32
 
 _holding_slot: ContextVar[bool] = ContextVar("sparc_holding_hash_slot", default=False)
@@ -26,10 +28,28 @@ class PasswordHasher:
     logins from starving every other request of CPU.
     """
 
-    def __init__(self, max_concurrency: int | None = None) -> None:
-        self._argon2 = Argon2Hasher()  # RFC 9106 low-memory profile: t=3, m=64 MiB, p=4
+    def __init__(
+        self,
+        *,
+        time_cost: int = 2,
+        memory_kib: int = 19 * 1024,
+        parallelism: int = 1,
+        max_concurrency: int | None = None,
+    ) -> None:
+        self._argon2 = Argon2Hasher(
+            time_cost=time_cost, memory_cost=memory_kib, parallelism=parallelism
+        )
         self._limiter = anyio.CapacityLimiter(max_concurrency or os.cpu_count() or 1)
         self._dummy_hash: str | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PasswordHasher:
+        return cls(
+            time_cost=settings.argon2_time_cost,
+            memory_kib=settings.argon2_memory_kib,
+            parallelism=settings.argon2_parallelism,
+            max_concurrency=settings.hash_concurrency,
+        )
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
@@ -67,7 +87,11 @@ class PasswordHasher:
                 return False
 
     def needs_rehash(self, password_hash: str) -> bool:
-        return self._argon2.check_needs_rehash(password_hash)
+        """True when the hash was made with other parameters than the current settings."""
+        try:
+            return self._argon2.check_needs_rehash(password_hash)
+        except InvalidHashError:
+            return True
 
 
 def new_token() -> tuple[str, bytes]:

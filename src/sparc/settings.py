@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,6 +15,9 @@ from environs import Env
 
 ALLOWED_URL_SCHEMES = ("postgresql", "postgresql+asyncpg")
 DEFAULT_DATA_DIR = Path(platformdirs.user_data_dir("sparc"))
+DEFAULT_HASH_CONCURRENCY = os.cpu_count() or 1
+_DURATION = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
 class SettingsError(ValueError):
@@ -32,10 +37,25 @@ class Settings:
     pool_max_idle: float = 300.0
     statement_cache_size: int = 100
     data_dir: Path = DEFAULT_DATA_DIR
+    token_ttl: float = 12 * 3600.0
+    token_idle_timeout: float = 30 * 60.0
+    login_max_failures: int = 5
+    login_window: float = 15 * 60.0
+    login_ip_max_failures: int = 50
+    hash_concurrency: int = DEFAULT_HASH_CONCURRENCY
+    # OWASP's Argon2id profile (m=19 MiB, t=2, p=1); see the README for why.
+    argon2_time_cost: int = 2
+    argon2_memory_kib: int = 19 * 1024
+    argon2_parallelism: int = 1
 
     def __post_init__(self) -> None:
         if self.database_url is not None:
             check_database_url(self.database_url, variable="DATABASE_URL")
+        if self.argon2_memory_kib < 8 * self.argon2_parallelism:
+            raise SettingsError(
+                f"SPARC_ARGON2_MEMORY_KIB={self.argon2_memory_kib} is below Argon2's minimum of "
+                f"8 KiB per lane (SPARC_ARGON2_PARALLELISM={self.argon2_parallelism})"
+            )
         if self.pool_min_size > self.pool_max_size:
             raise SettingsError(
                 f"DB_POOL_MIN_SIZE={self.pool_min_size} is larger than "
@@ -103,6 +123,17 @@ def load_settings(
         pool_max_idle=reader.seconds("DB_POOL_MAX_IDLE", 300.0, allow_zero=True),
         statement_cache_size=reader.integer("DB_STATEMENT_CACHE_SIZE", 100, minimum=0),
         data_dir=reader.path("SPARC_DATA_DIR", DEFAULT_DATA_DIR),
+        token_ttl=reader.seconds("SPARC_TOKEN_TTL", 12 * 3600.0, allow_zero=False),
+        token_idle_timeout=reader.seconds("SPARC_TOKEN_IDLE_TIMEOUT", 1800.0, allow_zero=False),
+        login_max_failures=reader.integer("SPARC_LOGIN_MAX_FAILURES", 5, minimum=1),
+        login_window=reader.seconds("SPARC_LOGIN_WINDOW", 900.0, allow_zero=False),
+        login_ip_max_failures=reader.integer("SPARC_LOGIN_IP_MAX_FAILURES", 50, minimum=1),
+        hash_concurrency=reader.integer(
+            "SPARC_HASH_CONCURRENCY", DEFAULT_HASH_CONCURRENCY, minimum=1
+        ),
+        argon2_time_cost=reader.integer("SPARC_ARGON2_TIME_COST", 2, minimum=1),
+        argon2_memory_kib=reader.integer("SPARC_ARGON2_MEMORY_KIB", 19 * 1024, minimum=8),
+        argon2_parallelism=reader.integer("SPARC_ARGON2_PARALLELISM", 1, minimum=1),
     )
 
 
@@ -134,16 +165,20 @@ class _Reader:
         return value
 
     def seconds(self, name: str, default: float, *, allow_zero: bool) -> float:
+        """A duration: plain seconds ("30", "0.5") or with a unit ("250ms", "15m", "12h", "1d")."""
         raw = self._raw(name)
         if raw is None:
             return default
-        try:
-            value = float(raw)
-        except ValueError:
-            raise SettingsError(f"{name}={raw!r} is not a number of seconds") from None
-        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-            bound = "0 or more" if allow_zero else "more than 0"
-            raise SettingsError(f"{name}={raw!r} must be a number of seconds, {bound}")
+        match = _DURATION.match(raw.lower())
+        bound = "0 or more" if allow_zero else "more than 0"
+        if match is None:
+            raise SettingsError(
+                f"{name}={raw!r} is not a duration: give seconds, {bound} "
+                "(e.g. 30, 250ms, 15m, 12h)"
+            )
+        value = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        if not math.isfinite(value) or (value == 0 and not allow_zero):
+            raise SettingsError(f"{name}={raw!r} must be a duration {bound}")
         return value
 
     def path(self, name: str, default: Path) -> Path:

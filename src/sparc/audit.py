@@ -1,0 +1,117 @@
+"""The audit log: who did what to an account, written in the same transaction as the change."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from sparc.database import get_db_client
+from sparc.identity import current_user
+from sparc.problems import Problem
+
+EVENT_TYPES = (
+    "register",
+    "login_succeeded",
+    "login_failed",
+    "logout",
+    "logout_all",
+    "session_revoked",
+    "password_changed",
+    "login_throttled",
+)
+PAGE_SIZE_DEFAULT = 20
+PAGE_SIZE_MAX = 100
+USER_AGENT_MAX = 512
+
+
+def client_ip(conn: HTTPConnection) -> str | None:
+    return conn.client.host if conn.client else None
+
+
+def client_user_agent(conn: HTTPConnection) -> str | None:
+    return conn.headers.get("user-agent", "")[:USER_AGENT_MAX] or None
+
+
+def email_digest(email: str) -> bytes:
+    """How the log names an email it cannot tie to an account: never the address itself."""
+    return hashlib.sha256(email.strip().lower().encode()).digest()
+
+
+async def record(
+    event: str,
+    conn: HTTPConnection,
+    *,
+    user_id: uuid.UUID | None = None,
+    email: str | None = None,
+) -> None:
+    assert event in EVENT_TYPES, event
+    await get_db_client().execute(
+        """
+        INSERT INTO auth_events (type, user_id, email_hash, ip, user_agent)
+        VALUES (:type, :user_id, :email_hash, CAST(:ip AS inet), :user_agent)
+        """,
+        {
+            "type": event,
+            "user_id": user_id,
+            "email_hash": email_digest(email) if email is not None else None,
+            "ip": client_ip(conn),
+            "user_agent": client_user_agent(conn),
+        },
+    )
+
+
+def _page_parameters(request: Request) -> tuple[int, int | None]:
+    errors = []
+    limit, before = PAGE_SIZE_DEFAULT, None
+    raw_limit = request.query_params.get("limit")
+    if raw_limit is not None:
+        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= PAGE_SIZE_MAX:
+            errors.append({"field": "limit", "message": f"must be 1 to {PAGE_SIZE_MAX}"})
+        else:
+            limit = int(raw_limit)
+    raw_before = request.query_params.get("before")
+    if raw_before is not None:
+        if not raw_before.isdigit() or len(raw_before) > 18:
+            errors.append({"field": "before", "message": "must be an event id from a page"})
+        else:
+            before = int(raw_before)
+    if errors:
+        raise Problem(422, "The query parameters are invalid.", errors=errors)
+    return limit, before
+
+
+async def list_events(request: Request) -> Response:
+    """The caller's own events, newest first; `next_before` pages on."""
+    user = current_user(request)
+    limit, before = _page_parameters(request)
+    rows = await get_db_client().fetch_all(
+        """
+        SELECT id, type, host(ip) AS ip, user_agent, created_at FROM auth_events
+        WHERE user_id = :user_id AND (CAST(:before AS bigint) IS NULL OR id < :before)
+        ORDER BY id DESC LIMIT :limit
+        """,
+        {"user_id": user.id, "before": before, "limit": limit + 1},
+    )
+    page = rows[:limit]
+    return JSONResponse(
+        {
+            "events": [
+                {
+                    "id": row["id"],
+                    "type": row["type"],
+                    "ip": row["ip"],
+                    "user_agent": row["user_agent"],
+                    "created_at": row["created_at"].isoformat(),
+                }
+                for row in page
+            ],
+            "next_before": page[-1]["id"] if len(rows) > limit else None,
+        }
+    )
+
+
+routes = [Route("/auth/events", list_events, methods=["GET"])]

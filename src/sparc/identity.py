@@ -1,0 +1,106 @@
+"""Who is calling: the bearer-token authentication backend and the authenticated user."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from starlette.authentication import (
+    AuthCredentials,
+    AuthenticationBackend,
+    AuthenticationError,
+    BaseUser,
+)
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import Response
+
+from sparc.database import get_db_client
+from sparc.problems import Problem, problem_response
+from sparc.security import hash_token
+
+BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+# last_seen_at is written at most this often, so authenticated reads stay reads.
+LAST_SEEN_RESOLUTION = timedelta(minutes=1)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthenticatedUser(BaseUser):
+    id: uuid.UUID
+    email: str
+    created_at: datetime
+    session_id: uuid.UUID
+
+    @property
+    def is_authenticated(self) -> bool:
+        return True
+
+    @property
+    def display_name(self) -> str:
+        return self.email
+
+    @property
+    def identity(self) -> str:
+        return str(self.id)
+
+
+class BearerTokenBackend(AuthenticationBackend):
+    """Finds the live session of an `Authorization: Bearer <token>` header.
+
+    One statement on the request's connection, outside the request's transaction: it checks
+    the absolute expiry and the idle timeout and, at most once a minute per session, moves
+    last_seen_at. An endpoint that queries nothing itself (GET /auth/me) so pays no BEGIN/COMMIT.
+    """
+
+    def __init__(self, *, idle_timeout: float) -> None:
+        self.idle_timeout = timedelta(seconds=idle_timeout)
+
+    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, BaseUser] | None:
+        header = conn.headers.get("authorization")
+        if header is None:
+            return None
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token or " " in token or len(token) > 256:
+            raise AuthenticationError("The Authorization header must be 'Bearer <token>'.")
+        row = await get_db_client().fetch_one_before_transaction(
+            """
+            WITH found AS (
+                SELECT s.id AS session_id, s.last_seen_at, u.id, u.email, u.created_at
+                FROM sessions s JOIN users u ON u.id = s.user_id
+                WHERE s.token_hash = :token_hash AND s.expires_at > now()
+                  AND s.last_seen_at > now() - CAST(:idle_timeout AS interval)
+            ), touched AS (
+                UPDATE sessions SET last_seen_at = now() FROM found
+                WHERE sessions.id = found.session_id
+                  AND found.last_seen_at < now() - CAST(:resolution AS interval)
+            )
+            SELECT session_id, id, email, created_at FROM found
+            """,
+            {
+                "token_hash": hash_token(token),
+                "idle_timeout": self.idle_timeout,
+                "resolution": LAST_SEEN_RESOLUTION,
+            },
+        )
+        if row is None:
+            return None  # unknown, expired or idle: protected endpoints answer 401
+        user = AuthenticatedUser(
+            id=row["id"],
+            email=row["email"],
+            created_at=row["created_at"],
+            session_id=row["session_id"],
+        )
+        return AuthCredentials(["authenticated"]), user
+
+
+def authentication_failed(conn: HTTPConnection, exc: AuthenticationError) -> Response:
+    return problem_response(401, str(exc), headers=BEARER_CHALLENGE)
+
+
+def current_user(request: Request) -> AuthenticatedUser:
+    """The caller, or a 401 problem with a Bearer challenge."""
+    user = request.user
+    if not isinstance(user, AuthenticatedUser):
+        raise Problem(401, "A valid, unexpired bearer token is required.", headers=BEARER_CHALLENGE)
+    return user

@@ -1,0 +1,44 @@
+"""Small HTTP helpers shared by the API tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+PASSWORD = "correct horse battery"
+
+
+async def register(http: httpx.AsyncClient, email: str, password: str = PASSWORD) -> httpx.Response:
+    return await http.post("/auth/register", json={"email": email, "password": password})
+
+
+async def login(
+    http: httpx.AsyncClient, email: str, password: str = PASSWORD, **headers: str
+) -> httpx.Response:
+    return await http.post(
+        "/auth/login", json={"email": email, "password": password}, headers=headers
+    )
+
+
+async def token_for(http: httpx.AsyncClient, email: str, password: str = PASSWORD) -> str:
+    """Register `email` (if new) and log in; the bearer token."""
+    created = await register(http, email, password)
+    assert created.status_code in (201, 409)
+    response = await login(http, email, password)
+    assert response.status_code == 200, response.text
+    token: str = response.json()["access_token"]
+    return token
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = response.json()
+    assert body["status"] == status
+    assert body["title"] and body["detail"]
+    return body
