@@ -101,21 +101,29 @@ async def admin(database_url: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 @pytest.fixture
+async def notes(admin: asyncpg.Connection) -> str:
+    """A scratch table for tests of the database layer."""
+    await admin.execute("CREATE TABLE notes (id serial PRIMARY KEY, body text NOT NULL UNIQUE)")
+    return "notes"
+
+
+@pytest.fixture
 def settings(database_url: str) -> Settings:
     return Settings(database_url=database_url, pool_max_size=5)
 
 
 @contextlib.asynccontextmanager
 async def serving(
-    app: Starlette, *, check_openapi: bool = False
+    app: Starlette, *, check_openapi: bool = False, raise_app_exceptions: bool = True
 ) -> AsyncIterator[httpx.AsyncClient]:
     """Run the app's lifespan and give an HTTP client that talks to it in-process.
 
-    With `check_openapi`, every response is validated against SPARC's OpenAPI document.
+    With `check_openapi`, every response is validated against SPARC's OpenAPI document; with
+    `raise_app_exceptions=False`, an endpoint's exception reaches the client as its 500.
     """
     hooks = {"response": [check_response_hook]} if check_openapi else {}
     async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
         async with httpx.AsyncClient(
             transport=transport, base_url="http://sparc.test", event_hooks=hooks
         ) as http:

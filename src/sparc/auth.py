@@ -10,7 +10,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sparc import audit
-from sparc.database import UniqueViolation, get_db_client
+from sparc.database import get_db_client
 from sparc.identity import BEARER_CHALLENGE, current_user
 from sparc.payloads import FieldErrors, read_json_object
 from sparc.problems import Problem
@@ -74,17 +74,15 @@ async def register(request: Request) -> Response:
     errors.raise_if_any()
     # Hash before the first query: the request holds no pooled connection while it burns CPU.
     password_hash = await _hasher(request).hash(password)
-    try:
-        row = await get_db_client().fetch_one(
-            """
-            INSERT INTO users (email, password_hash) VALUES (:email, :password_hash)
-            ON CONFLICT ((lower(email))) DO NOTHING
-            RETURNING id, email
-            """,
-            {"email": email, "password_hash": password_hash},
-        )
-    except UniqueViolation:
-        row = None
+    # ON CONFLICT, not a caught UniqueViolation: a failed statement would doom the transaction.
+    row = await get_db_client().fetch_one(
+        """
+        INSERT INTO users (email, password_hash) VALUES (:email, :password_hash)
+        ON CONFLICT ((lower(email))) DO NOTHING
+        RETURNING id, email
+        """,
+        {"email": email, "password_hash": password_hash},
+    )
     if row is None:
         raise Problem(409, "An account with this email already exists.")
     await audit.record("register", request, user_id=row["id"])

@@ -133,7 +133,7 @@ def _translate(exc: BaseException) -> BaseException:
 
 # As in SQLAlchemy's text(), ":name" is a parameter unless escaped as "\:" or glued to a word or
 # another colon (so '10:30' and "::type" are left alone); unlike text(), ":name::type" works.
-_NAMED_PARAMETER = re.compile(r"(?<![:\w\\]):(\w+)(?!:(?!:))")
+_NAMED_PARAMETER = re.compile(r"(?<![:\w\\]):(\w++)(?!:(?!:))")
 _DIALECT = PGDialect_asyncpg()  # type: ignore[no-untyped-call]
 
 
@@ -170,20 +170,37 @@ def _prepare(query: Query, values: Values | None) -> tuple[str, list[Any]]:
 # The unit of work: one connection and at most one transaction, shared by every task of a request.
 
 
+class _UnitEnded(Exception):
+    """Internal: the unit of work ended before this statement got its turn."""
+
+
+_ISOLATION_LEVELS = {
+    "read_committed": "READ COMMITTED",
+    "repeatable_read": "REPEATABLE READ",
+    "serializable": "SERIALIZABLE",
+}
+
+
 class _UnitOfWork:
     """Holds a request's (or a `transaction()` block's) connection and transaction.
 
-    The connection is acquired at the first query and the transaction begun at the first query
-    that needs one. A lock serialises statements, because child tasks of a request share the
-    connection and asyncpg runs one statement at a time per connection.
+    The connection is acquired at the first statement and the transaction begun at the first
+    statement that needs one; we issue BEGIN/COMMIT ourselves so that COMMIT's answer is checked
+    (PostgreSQL answers ROLLBACK to the COMMIT of a transaction an earlier error aborted). A
+    lock serialises statements, because a request's child tasks share its connection and a
+    connection runs one statement at a time. Whoever holds the lock once the unit has ended
+    returns the connection: end() itself, or, if end() gave up waiting for a statement still
+    running in a child task, that task on its way out.
     """
 
     __slots__ = (
+        "_abandoned",
+        "_begin",
         "_broken",
         "_connection",
-        "_isolation",
+        "_in_transaction",
         "_lock",
-        "_transaction",
+        "_savepoints",
         "client",
         "ended",
         "keep_writes",
@@ -193,92 +210,167 @@ class _UnitOfWork:
         self.client = client
         self.keep_writes = False
         self.ended = False
+        self._begin = "BEGIN"
+        if isolation is not None:
+            level = _ISOLATION_LEVELS.get(isolation.lower().replace(" ", "_"))
+            if level is None:
+                raise ValueError(f"unknown isolation level {isolation!r}")
+            self._begin = f"BEGIN ISOLATION LEVEL {level}"
         self._connection: Any = None
-        self._transaction: Any = None
+        self._in_transaction = False
         self._lock = asyncio.Lock()
         self._broken = False
-        self._isolation = isolation
+        self._abandoned = False
+        self._savepoints = 0
 
     @property
     def in_transaction(self) -> bool:
-        return self._transaction is not None
+        return self._in_transaction
 
     async def run(self, operation: Callable[[Any], Awaitable[T]], *, transactional: bool) -> T:
         async with self._lock:
             if self.ended:
-                raise RuntimeError(
-                    "this unit of work has ended (its transaction was committed or rolled back)"
-                )
-            if self._connection is None:
-                self._connection = await self.client._acquire()
-            connection = self._connection
+                raise _UnitEnded
+            if self._broken:
+                # Never run further statements where the transaction's state is unknown: they
+                # might run in autocommit.
+                raise DatabaseUnavailable("this request's database connection broke")
             try:
-                if transactional and self._transaction is None:
-                    transaction = connection.transaction(isolation=self._isolation)
-                    await transaction.start()
-                    self._transaction = transaction
-                return await operation(connection)
-            except BaseException as exc:
-                if isinstance(exc, _CONNECTION_ERRORS) or _is_closed(connection):
-                    self._broken = True
-                translated = _translate(exc)
-                if translated is exc:
-                    raise
-                raise translated from None
+                if self._connection is None:
+                    self._connection = await self.client._acquire()
+                    if self._abandoned:
+                        raise _UnitEnded  # the unit ended while we waited for the pool
+                connection = self._connection
+                try:
+                    if transactional and not self._in_transaction:
+                        await self._begin_transaction(connection)
+                    return await operation(connection)
+                except BaseException as exc:
+                    if isinstance(exc, _CONNECTION_ERRORS) or _is_closed(connection):
+                        self._broken = True
+                    translated = _translate(exc)
+                    if translated is exc:
+                        raise
+                    raise translated from None
+            finally:
+                if self._abandoned:
+                    await _shielded(self.client, self._release())
+
+    async def _begin_transaction(self, connection: Any) -> None:
+        try:
+            await connection.execute(self._begin)
+        except BaseException:
+            # Interrupted or refused: we cannot know whether a transaction is open.
+            self._broken = True
+            raise
+        self._in_transaction = True
 
     async def end(self, *, commit: bool) -> None:
         """Commit or roll back, then return the connection to the pool (once; later calls no-op).
 
-        A failed commit raises CommitFailed or DatabaseUnavailable; a failed rollback only
-        discards the connection, as the server rolls back when it closes.
+        A failed commit raises CommitFailed or DatabaseUnavailable. The cleanup runs in a task
+        of its own, so it finishes even when the caller is cancelled meanwhile.
         """
         if self.ended:
             return
         self.ended = True
-        if self._connection is None:
-            return
         try:
-            if commit and self._transaction is not None:
-                await self._commit()
+            if commit and self._in_transaction:
+                async with self._lock:
+                    await self._commit()
         finally:
-            # Cleanup must finish even when the request is being cancelled.
-            with anyio.CancelScope(shield=True):
-                await self._roll_back_and_release()
+            if self._connection is not None or self._lock.locked():
+                await _shielded(self.client, self._clean_up())
 
     async def _commit(self) -> None:
-        async with self._lock:
-            if self._broken:
-                raise DatabaseUnavailable("lost the connection to PostgreSQL before commit")
-            try:
-                await self._transaction.commit()
-            except asyncio.CancelledError:
-                self._broken = True  # the commit's outcome is unknown; never reuse this session
-                raise
-            except Exception as exc:
-                if isinstance(exc, _CONNECTION_ERRORS) or _is_closed(self._connection):
-                    self._broken = True
-                    raise DatabaseUnavailable(
-                        f"lost the connection to PostgreSQL during commit: {exc}"
-                    ) from None
-                raise CommitFailed(f"the transaction could not be committed: {exc}") from None
-            finally:
-                self._transaction = None
+        if self._broken:
+            raise DatabaseUnavailable("lost the connection to PostgreSQL before commit")
+        self._in_transaction = False  # COMMIT ends the transaction whatever it answers
+        try:
+            status = await self._connection.execute("COMMIT")
+        except asyncio.CancelledError:
+            self._broken = True  # the commit's outcome is unknown; never reuse this session
+            raise
+        except Exception as exc:
+            if isinstance(exc, _CONNECTION_ERRORS) or _is_closed(self._connection):
+                self._broken = True
+                raise DatabaseUnavailable(
+                    f"lost the connection to PostgreSQL during commit: {exc}"
+                ) from None
+            raise CommitFailed(f"the transaction could not be committed: {exc}") from None
+        if status != "COMMIT":
+            raise CommitFailed(
+                "an earlier statement of the transaction failed or was cancelled, "
+                "so PostgreSQL rolled the transaction back"
+            )
 
-    async def _roll_back_and_release(self) -> None:
+    async def _clean_up(self) -> None:
+        with anyio.move_on_after(self.client.settings.connect_timeout) as waiting:
+            await self._lock.acquire()
+        if waiting.cancelled_caught:
+            # A statement from a task the request spawned is still running. Cutting the
+            # connection ends it; that task returns the connection on its way out (run()).
+            logger.warning("a statement outlived its request; discarding its connection")
+            self._abandoned = self._broken = True
+            if self._connection is not None and not _is_closed(self._connection):
+                self._connection.terminate()
+            return
+        try:
+            await self._release()
+        finally:
+            self._lock.release()
+
+    async def _release(self) -> None:
+        """Roll back what is open and return the connection; the caller holds the lock."""
         connection, self._connection = self._connection, None
-        transaction, self._transaction = self._transaction, None
-        with anyio.move_on_after(self.client.settings.connect_timeout) as scope:
-            async with self._lock:
-                if transaction is not None and not self._broken:
-                    try:
-                        await transaction.rollback()
-                    except Exception as exc:
-                        logger.warning("rollback failed (%s); discarding the connection", exc)
-                        self._broken = True
-        if scope.cancelled_caught:
-            logger.warning("rollback did not finish in time; discarding the connection")
-            self._broken = True
+        if connection is None:
+            return
+        if self._in_transaction and not self._broken:
+            with anyio.move_on_after(self.client.settings.connect_timeout) as waiting:
+                try:
+                    await connection.execute("ROLLBACK")
+                except Exception as exc:
+                    logger.warning("rollback failed (%s); discarding the connection", exc)
+                    self._broken = True
+            if waiting.cancelled_caught:
+                logger.warning("rollback did not finish in time; discarding the connection")
+                self._broken = True
+        self._in_transaction = False
         await self.client._release(connection, broken=self._broken)
+
+    @contextlib.asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[None]:
+        """A nested unit: its statements are undone alone if the block raises."""
+        self._savepoints += 1
+        name = f"sparc_savepoint_{self._savepoints}"
+        await self.run(lambda c: c.execute(f"SAVEPOINT {name}"), transactional=True)
+        try:
+            yield
+        except BaseException:
+            try:
+                await _shielded(
+                    self.client,
+                    self.run(
+                        lambda c: c.execute(f"ROLLBACK TO SAVEPOINT {name}"), transactional=True
+                    ),
+                )
+            except (Exception, asyncio.CancelledError) as exc:
+                # The transaction stays failed, so its COMMIT will fail and nothing is kept.
+                logger.warning("rolling back to a savepoint failed: %r", exc)
+            raise
+        await self.run(lambda c: c.execute(f"RELEASE SAVEPOINT {name}"), transactional=True)
+
+
+async def _shielded(client: DatabaseClient, work: Awaitable[T]) -> T:
+    """Await `work` in a task of its own that goes on if the caller is cancelled meanwhile.
+
+    anyio's shielded scopes stop only anyio's cancellation, not a plain task.cancel(); a task
+    under asyncio.shield finishes either way. The client keeps it referenced until it does.
+    """
+    task = asyncio.ensure_future(work)
+    client._cleanups.add(task)
+    task.add_done_callback(client._cleanups.discard)
+    return await asyncio.shield(task)
 
 
 _current_client: ContextVar[DatabaseClient | None] = ContextVar("sparc_db_client", default=None)
@@ -336,6 +428,7 @@ class DatabaseClient:
         self._database: databases.Database | None = None
         self._embedded: contextlib.ExitStack | None = None
         self._waiting = 0
+        self._cleanups: set[asyncio.Future[Any]] = set()  # units of work still cleaning up
 
     def _build_database(self, url: str) -> databases.Database:
         server_settings = {"application_name": APPLICATION_NAME}
@@ -389,6 +482,9 @@ class DatabaseClient:
         )
 
     async def disconnect(self) -> None:
+        if self._cleanups:
+            # Connections still on their way back to the pool: the pool waits for them anyway.
+            await asyncio.gather(*list(self._cleanups), return_exceptions=True)
         database, self._database = self._database, None
         try:
             if database is not None and database.is_connected:
@@ -488,7 +584,10 @@ class DatabaseClient:
     async def _run(self, operation: Callable[[Any], Awaitable[T]], *, transactional: bool) -> T:
         unit = self._unit()
         if unit is not None:
-            return await unit.run(operation, transactional=transactional)
+            try:
+                return await unit.run(operation, transactional=transactional)
+            except _UnitEnded:
+                pass  # the request ended while this statement queued: run it as after the end
         # No unit of work: this statement alone takes a connection, in autocommit.
         standalone = _UnitOfWork(self)
         try:
@@ -524,6 +623,9 @@ class DatabaseClient:
             return
         prepared = [_prepare(query, each) for each in values]
         sql = prepared[0][0]
+        if any(each_sql != sql for each_sql, _ in prepared):
+            # A Core statement compiles per value set; differing keys give differing SQL.
+            raise ValueError("execute_many() needs the same keys in every value set")
         await self._run(
             lambda c: c.executemany(sql, [args for _, args in prepared]), transactional=True
         )
@@ -531,25 +633,37 @@ class DatabaseClient:
     async def iterate(
         self, query: Query, values: Values | None = None, *, batch_size: int = 100
     ) -> AsyncIterator[Row]:
-        """Stream rows through a server-side cursor, `batch_size` rows per round trip."""
+        """Stream rows through a server-side cursor, `batch_size` rows per round trip.
+
+        Outside a unit of work the cursor gets a transaction and connection of its own, held
+        until the loop ends: leave a loop early inside `contextlib.aclosing(...)`.
+        """
         sql, args = _prepare(query, values)
-        if self._unit() is None:
-            # A cursor lives in a transaction; outside a unit of work, make one for it.
-            async with self.transaction():
-                async for row in self.iterate(query, values, batch_size=batch_size):
-                    yield row
-            return
         unit = self._unit()
-        assert unit is not None
-        cursor = await unit.run(lambda c: c.cursor(sql, *args), transactional=True)
-        while True:
-            # The lock is held per batch, not across the loop body, so the caller may run other
-            # queries between rows.
-            rows = await unit.run(lambda c: cursor.fetch(batch_size), transactional=True)
-            for row in rows:
-                yield cast(Row, row)
-            if len(rows) < batch_size:
-                return
+        # Its own unit is not bound to the context: the caller's other queries stay outside it.
+        own = unit is None
+        if unit is None:
+            unit = _UnitOfWork(self)
+        try:
+            cursor = await unit.run(lambda c: c.cursor(sql, *args), transactional=True)
+            while True:
+                # The lock is held per batch, not across the loop body, so the caller may run
+                # other queries between rows.
+                rows = await unit.run(lambda c: cursor.fetch(batch_size), transactional=True)
+                for row in rows:
+                    yield cast(Row, row)
+                if len(rows) < batch_size:
+                    break
+        except _UnitEnded:
+            raise RuntimeError(
+                "the request's transaction ended (its response started) during iterate()"
+            ) from None
+        except BaseException:
+            if own:
+                await unit.end(commit=False)
+            raise
+        if own:
+            await unit.end(commit=True)
 
     async def fetch_one_before_transaction(
         self, query: Query, values: Values | None = None
@@ -586,13 +700,8 @@ class DatabaseClient:
         if unit is not None:
             if isolation is not None:
                 raise ValueError("isolation can only be set on the outermost transaction")
-            savepoint = await unit.run(_start_savepoint, transactional=True)
-            try:
+            async with unit.savepoint():
                 yield
-            except BaseException:
-                await unit.run(lambda c: savepoint.rollback(), transactional=True)
-                raise
-            await unit.run(lambda c: savepoint.commit(), transactional=True)
             return
 
         unit = _UnitOfWork(self, isolation=isolation)
@@ -606,12 +715,6 @@ class DatabaseClient:
             await unit.end(commit=True)
         finally:
             _current_unit.reset(token)
-
-
-async def _start_savepoint(connection: Any) -> Any:
-    savepoint = connection.transaction()
-    await savepoint.start()
-    return savepoint
 
 
 # ---------------------------------------------------------------------------------------------
@@ -660,11 +763,15 @@ class DatabaseMiddleware:
                     replaced = True
                     logger.error("%s; answering 5xx instead of %d", exc, status)
                     await _error_response(exc)(scope, receive, send)
-                    return
+                    # Stop the endpoint's response there: its background tasks must not run
+                    # for a request whose writes were lost.
+                    raise _ResponseReplaced from None
             await send(message)
 
         try:
             await self.app(scope, watcher.receive, send_ending_transaction)
+        except _ResponseReplaced:
+            pass  # already answered with the 5xx
         except DatabaseUnavailable as exc:
             await unit.end(commit=False)
             if response_started:
@@ -680,6 +787,10 @@ class DatabaseMiddleware:
         finally:
             _current_unit.reset(unit_token)
             _current_client.reset(client_token)
+
+
+class _ResponseReplaced(Exception):
+    """Internal: the commit failed and a 5xx went out instead of the endpoint's response."""
 
 
 def _error_response(exc: Exception) -> Any:
