@@ -279,8 +279,13 @@ class _UnitOfWork:
                 async with self._lock:
                     await self._commit()
         finally:
-            if self._connection is not None or self._lock.locked():
+            if self._lock.locked() or self._in_transaction or self._broken:
                 await _shielded(self.client, self._clean_up())
+            elif self._connection is not None:
+                # The common case (nothing open, nobody else using the connection): asyncpg
+                # shields the release itself, so no task of our own is needed.
+                connection, self._connection = self._connection, None
+                await self.client._release(connection, broken=False)
 
     async def _commit(self) -> None:
         if self._broken:
@@ -534,7 +539,10 @@ class DatabaseClient:
         pool = self._pool()
         self._waiting += 1
         try:
-            return await pool.acquire(timeout=self.settings.pool_timeout)
+            # asyncio.timeout, not acquire(timeout=...): asyncpg implements that with wait_for,
+            # which costs a task and extra event-loop turns on every acquire.
+            async with asyncio.timeout(self.settings.pool_timeout):
+                return await pool.acquire()
         except TimeoutError:
             if pool.get_size() >= pool.get_max_size():
                 why = f"all {pool.get_max_size()} pooled connections are busy"

@@ -47,9 +47,10 @@ class AuthenticatedUser(BaseUser):
 class BearerTokenBackend(AuthenticationBackend):
     """Finds the live session of an `Authorization: Bearer <token>` header.
 
-    One statement on the request's connection, outside the request's transaction: it checks
-    the absolute expiry and the idle timeout and, at most once a minute per session, moves
-    last_seen_at. An endpoint that queries nothing itself (GET /auth/me) so pays no BEGIN/COMMIT.
+    One read on the request's connection, outside the request's transaction, checks the
+    absolute expiry and the idle timeout; at most once a minute per session a second statement
+    moves last_seen_at. An endpoint that queries nothing itself (GET /auth/me) so pays no
+    BEGIN/COMMIT.
     """
 
     def __init__(self, *, idle_timeout: float) -> None:
@@ -63,19 +64,14 @@ class BearerTokenBackend(AuthenticationBackend):
         token = token.strip()
         if scheme.lower() != "bearer" or not token or " " in token or len(token) > 256:
             raise AuthenticationError("The Authorization header must be 'Bearer <token>'.")
-        row = await get_db_client().fetch_one_before_transaction(
+        db = get_db_client()
+        row = await db.fetch_one_before_transaction(
             """
-            WITH found AS (
-                SELECT s.id AS session_id, s.last_seen_at, u.id, u.email, u.created_at
-                FROM sessions s JOIN users u ON u.id = s.user_id
-                WHERE s.token_hash = :token_hash AND s.expires_at > now()
-                  AND s.last_seen_at > now() - CAST(:idle_timeout AS interval)
-            ), touched AS (
-                UPDATE sessions SET last_seen_at = now() FROM found
-                WHERE sessions.id = found.session_id
-                  AND found.last_seen_at < now() - CAST(:resolution AS interval)
-            )
-            SELECT session_id, id, email, created_at FROM found
+            SELECT s.id AS session_id, u.id, u.email, u.created_at,
+                   s.last_seen_at < now() - CAST(:resolution AS interval) AS seen_long_ago
+            FROM sessions s JOIN users u ON u.id = s.user_id
+            WHERE s.token_hash = :token_hash AND s.expires_at > now()
+              AND s.last_seen_at > now() - CAST(:idle_timeout AS interval)
             """,
             {
                 "token_hash": hash_token(token),
@@ -83,6 +79,13 @@ class BearerTokenBackend(AuthenticationBackend):
                 "resolution": LAST_SEEN_RESOLUTION,
             },
         )
+        if row is not None and row["seen_long_ago"]:
+            # At most once a minute per session, and outside the request's transaction: the
+            # activity happened whether or not the request goes on to succeed.
+            await db.fetch_one_before_transaction(
+                "UPDATE sessions SET last_seen_at = now() WHERE id = :id RETURNING id",
+                {"id": row["session_id"]},
+            )
         if row is None:
             return None  # unknown, expired or idle: protected endpoints answer 401
         user = AuthenticatedUser(

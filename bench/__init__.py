@@ -1,0 +1,1 @@
+"""Benchmarks: SPARC against a bare asyncpg endpoint and a connection-per-request one."""
