@@ -1,0 +1,137 @@
+"""What the benchmarks share: a database to point at, a server process, wrk, percentiles."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from sparc.embedded import embedded_postgres
+from sparc.migrations import upgrade
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def database(url: str | None) -> Iterator[str]:
+    """`url`, migrated; or a throwaway embedded PostgreSQL when it is None."""
+    with contextlib.ExitStack() as stack:
+        if url is None:
+            data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sparc-bench-")))
+            url = stack.enter_context(embedded_postgres(data_dir))
+        upgrade(url)
+        yield url
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def server(app: str, env: dict[str, str], *, workers: int = 1) -> Iterator[str]:
+    """Run `app` (a uvicorn factory path) on a free port; yield its base URL."""
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            app,
+            "--factory",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        env={**os.environ, **env},
+        cwd=REPO_ROOT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{app} exited with {process.returncode}")
+            try:
+                httpx.get(f"{base}/auth/me", timeout=1)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def bearer_token(base: str, email: str = "bench@example.org") -> str:
+    """Register (if new) and log in a benchmark user through SPARC's own API."""
+    credentials = {"email": email, "password": "benchmark password"}
+    httpx.post(f"{base}/auth/register", json=credentials, timeout=30)
+    response = httpx.post(f"{base}/auth/login", json=credentials, timeout=30)
+    response.raise_for_status()
+    token: str = response.json()["access_token"]
+    return token
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    requests_per_second: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    non_2xx: int
+    socket_errors: int
+
+
+def _milliseconds(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def wrk(
+    url: str, *, connections: int, seconds: int, headers: dict[str, str], script: str | None = None
+) -> WrkResult:
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install wrk")
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "10s"]
+    for name, value in headers.items():
+        command += ["-H", f"{name}: {value}"]
+    if script is not None:
+        command += ["-s", script]
+    output = subprocess.run([*command, url], capture_output=True, text=True, check=True).stdout
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
+    return WrkResult(
+        requests_per_second=float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),  # type: ignore[union-attr]
+        p50_ms=_milliseconds(re.search(r"50%\s+(\S+)", output).group(1)),  # type: ignore[union-attr]
+        p99_ms=_milliseconds(re.search(r"99%\s+(\S+)", output).group(1)),  # type: ignore[union-attr]
+        requests=int(re.search(r"(\d+) requests in", output).group(1)),  # type: ignore[union-attr]
+        non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
+        socket_errors=sum(int(n) for n in errors.groups()) if errors else 0,
+    )
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
