@@ -45,7 +45,10 @@ def check_response(response: httpx.Response) -> None:
         assert response.content == b"", f"{method.upper()} {template}: unexpected body"
         return
     assert media_type in content, f"{method.upper()} {template}: {media_type} not documented"
-    _validate(response.json(), content[media_type]["schema"])
+    if media_type == "text/plain":
+        _validate(response.text, content[media_type]["schema"])
+    else:
+        _validate(response.json(), content[media_type]["schema"])
     for header in described.get("headers", {}):
         assert header.lower() in response.headers, f"{template}: missing {header}"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 from unittest import mock
 
 import asyncpg
@@ -155,10 +156,10 @@ async def test_no_database_client_is_constructed_per_request(settings: Settings)
     constructed = 0
     original = database.DatabaseClient.__init__
 
-    def counting_init(self: database.DatabaseClient, settings: Settings) -> None:
+    def counting_init(self: database.DatabaseClient, *args: Any, **kwargs: Any) -> None:
         nonlocal constructed
         constructed += 1
-        original(self, settings)
+        original(self, *args, **kwargs)
 
     with mock.patch.object(database.DatabaseClient, "__init__", counting_init):
         app = create_app(settings)

@@ -16,6 +16,7 @@ import asyncpg
 import httpx
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REPO_ROOT, asyncpg_dsn, with_database
 
@@ -135,8 +136,26 @@ def test_serve_with_two_workers_shares_nothing_but_the_database(
     try:
         body = poll(f"{base}/readyz", process=process).json()
         assert body["pool"]["max"] == 10
+        assert (body["workers"], body["connection_bound"]) == (2, 20)
         for _ in range(10):
             assert httpx.get(f"{base}/healthz").status_code == 200
+        # Whichever worker answers /metrics reports both: their pool bounds add up to 20, and
+        # all the /healthz requests are counted.
+        deadline = time.monotonic() + 30
+        while True:
+            samples = {
+                (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in text_string_to_metric_families(httpx.get(f"{base}/metrics").text)
+                for sample in family.samples
+            }
+            healthz = (
+                "sparc_http_requests_total",
+                (("method", "GET"), ("route", "/healthz"), ("status", "200")),
+            )
+            if samples.get(("sparc_db_pool_max", ())) == 20 and samples.get(healthz) == 10:
+                break
+            assert time.monotonic() < deadline, samples.get(("sparc_db_pool_max", ()))
+            time.sleep(0.1)
     finally:
         code, stderr = stop(process)
     assert code == 0, stderr

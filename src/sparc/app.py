@@ -10,7 +10,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 
-from sparc import audit, auth, health, identity, openapi, sessions
+from sparc import audit, auth, health, identity, metrics, openapi, sessions
 from sparc.database import DatabaseClient, DatabaseMiddleware
 from sparc.problems import Problem, handle_http_exception, handle_problem, handle_server_error
 from sparc.security import PasswordHasher
@@ -22,14 +22,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
     """Build the app. With no settings given, they are read from the environment (and .env)."""
     if settings is None:
         settings = load_settings()
+    app_metrics = metrics.Metrics()
     # One client, and so one pool, per app: every request shares it via DatabaseMiddleware.
-    client = DatabaseClient(settings)
+    client = DatabaseClient(settings, events=app_metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await client.connect()
         try:
-            yield
+            async with app_metrics.sampling(client):
+                yield
         finally:
             await client.disconnect()
 
@@ -40,8 +42,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
             *sessions.routes,
             *audit.routes,
             *openapi.routes,
+            *metrics.routes,
         ],
         middleware=[
+            Middleware(metrics.HTTPMetricsMiddleware, metrics=app_metrics),
             Middleware(DatabaseMiddleware, client=client),
             Middleware(
                 AuthenticationMiddleware,
@@ -58,6 +62,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
     app.state.settings = settings
     app.state.db_client = client
+    app.state.metrics = app_metrics
     app.state.password_hasher = PasswordHasher.from_settings(settings)
     app.state.login_throttle = LoginThrottle(
         max_failures=settings.login_max_failures,

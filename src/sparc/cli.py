@@ -9,15 +9,21 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from types import FrameType
 
 from sparc.database import DatabaseClient, DatabaseUnavailable
 from sparc.embedded import embedded_postgres
+from sparc.health import WORKERS_VARIABLE
 from sparc.migrations import upgrade
 from sparc.settings import Settings, SettingsError, load_settings
 
 logger = logging.getLogger("sparc")
+
+# prometheus_client's own variable. It must be set before prometheus_client is first imported,
+# so this module does not import sparc.metrics.
+MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class MigrationFailed(Exception):
@@ -106,15 +112,21 @@ def _serve(settings: Settings, *, host: str, port: int, workers: int) -> int:
     # Workers build their app from the environment: point them at the resolved database.
     assert settings.database_url is not None
     os.environ["DATABASE_URL"] = settings.database_url
-    uvicorn.run(
-        "sparc.app:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        lifespan="on",
-        proxy_headers=False,
-    )
+    os.environ[WORKERS_VARIABLE] = str(workers)
+    with contextlib.ExitStack() as stack:
+        if not os.environ.get(MULTIPROCESS_DIR_VARIABLE):
+            # Each worker writes its metrics here, so /metrics on any worker reports them all.
+            directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="sparc-metrics-"))
+            os.environ[MULTIPROCESS_DIR_VARIABLE] = directory
+        uvicorn.run(
+            "sparc.app:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            lifespan="on",
+            proxy_headers=False,
+        )
     return 0
 
 

@@ -15,6 +15,7 @@ import functools
 import logging
 import math
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -52,6 +53,17 @@ class Row(Protocol):
     def values(self) -> Iterator[Any]: ...
     def items(self) -> Iterator[tuple[str, Any]]: ...
     def __len__(self) -> int: ...
+
+
+class PoolEvents:
+    """What the pool reports as it works; the metrics module records these. Does nothing here."""
+
+    def acquired(self, wait_seconds: float) -> None: ...
+    def acquire_timed_out(self) -> None: ...
+    def connection_opened(self) -> None: ...
+    def connection_closed(self) -> None: ...
+    def connection_discarded(self) -> None: ...
+    def transaction_finished(self, *, committed: bool) -> None: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,8 +303,10 @@ class _UnitOfWork:
         if self._broken:
             raise DatabaseUnavailable("lost the connection to PostgreSQL before commit")
         self._in_transaction = False  # COMMIT ends the transaction whatever it answers
+        committed = False
         try:
             status = await self._connection.execute("COMMIT")
+            committed = status == "COMMIT"
         except asyncio.CancelledError:
             self._broken = True  # the commit's outcome is unknown; never reuse this session
             raise
@@ -303,7 +317,9 @@ class _UnitOfWork:
                     f"lost the connection to PostgreSQL during commit: {exc}"
                 ) from None
             raise CommitFailed(f"the transaction could not be committed: {exc}") from None
-        if status != "COMMIT":
+        finally:
+            self.client.events.transaction_finished(committed=committed)
+        if not committed:
             raise CommitFailed(
                 "an earlier statement of the transaction failed or was cancelled, "
                 "so PostgreSQL rolled the transaction back"
@@ -330,6 +346,8 @@ class _UnitOfWork:
         connection, self._connection = self._connection, None
         if connection is None:
             return
+        if self._in_transaction:
+            self.client.events.transaction_finished(committed=False)
         if self._in_transaction and not self._broken:
             with anyio.move_on_after(self.client.settings.connect_timeout) as waiting:
                 try:
@@ -426,7 +444,15 @@ class DatabaseClient:
     for its own duration and runs in autocommit.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        events: PoolEvents | None = None,
+        application_name: str = APPLICATION_NAME,
+    ) -> None:
+        self.events = events or PoolEvents()
+        self.application_name = application_name
         self._configured = settings
         # The settings in force: once connected to the embedded server, they carry its URL.
         self.settings = settings
@@ -436,7 +462,7 @@ class DatabaseClient:
         self._cleanups: set[asyncio.Future[Any]] = set()  # units of work still cleaning up
 
     def _build_database(self, url: str) -> databases.Database:
-        server_settings = {"application_name": APPLICATION_NAME}
+        server_settings = {"application_name": self.application_name}
         if self.settings.statement_timeout:
             timeout_ms = math.ceil(self.settings.statement_timeout * 1000)
             server_settings["statement_timeout"] = str(timeout_ms)
@@ -452,7 +478,12 @@ class DatabaseClient:
             max_inactive_connection_lifetime=self.settings.pool_max_idle,
             statement_cache_size=self.settings.statement_cache_size,
             server_settings=server_settings,
+            init=self._connection_opened,
         )
+
+    async def _connection_opened(self, connection: Any) -> None:
+        self.events.connection_opened()
+        connection.add_termination_listener(lambda _: self.events.connection_closed())
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -538,12 +569,14 @@ class DatabaseClient:
     async def _acquire(self) -> Any:
         pool = self._pool()
         self._waiting += 1
+        started = time.perf_counter()
         try:
             # asyncio.timeout, not acquire(timeout=...): asyncpg implements that with wait_for,
             # which costs a task and extra event-loop turns on every acquire.
             async with asyncio.timeout(self.settings.pool_timeout):
-                return await pool.acquire()
+                connection = await pool.acquire()
         except TimeoutError:
+            self.events.acquire_timed_out()
             if pool.get_size() >= pool.get_max_size():
                 why = f"all {pool.get_max_size()} pooled connections are busy"
             else:
@@ -556,11 +589,15 @@ class DatabaseClient:
             raise DatabaseUnavailable(self._unreachable_message(exc)) from None
         finally:
             self._waiting -= 1
+        self.events.acquired(time.perf_counter() - started)
+        return connection
 
     async def _release(self, connection: Any, *, broken: bool) -> None:
         if _is_closed(connection):
+            self.events.connection_discarded()
             logger.warning("a database connection was lost; the pool will open a new one")
         elif broken:
+            self.events.connection_discarded()
             logger.warning("discarding a broken database connection")
             connection.terminate()
         try:

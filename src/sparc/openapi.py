@@ -224,7 +224,7 @@ SCHEMAS: dict[str, Any] = {
     },
     "Ready": {
         "type": "object",
-        "required": ["status", "pool"],
+        "required": ["status", "pool", "workers", "connection_bound"],
         "properties": {
             "status": {"const": "ready"},
             "pool": {
@@ -235,6 +235,12 @@ SCHEMAS: dict[str, Any] = {
                     for name in ("size", "idle", "in_use", "max")
                 },
                 "additionalProperties": False,
+            },
+            "workers": {"type": "integer", "minimum": 1},
+            "connection_bound": {
+                "type": "integer",
+                "minimum": 1,
+                "description": "workers times DB_POOL_MAX_SIZE: the most connections SPARC opens.",
             },
         },
         "additionalProperties": False,
@@ -334,6 +340,17 @@ PATHS: dict[str, Any] = {
         "get": _operation(
             "Readiness: a pooled connection answers",
             {"200": _json("Ready", "Ready, with the pool's figures.")},
+        )
+    },
+    "/metrics": {
+        "get": _operation(
+            "Prometheus metrics of every worker",
+            {
+                "200": {
+                    "description": "Prometheus text exposition format 0.0.4.",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
         )
     },
     "/openapi.json": {

@@ -1,0 +1,200 @@
+"""Prometheus metrics: the pool, transactions and HTTP requests, summed across workers.
+
+With PROMETHEUS_MULTIPROC_DIR set (`sparc serve` sets it), every worker process writes its
+figures to files there and GET /metrics on any worker reports all of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator
+
+import anyio
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sparc.database import DatabaseClient, PoolEvents
+
+MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+# How often each worker copies its pool's figures into the gauges.
+POOL_SAMPLE_SECONDS = 1.0
+
+_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics(PoolEvents):
+    """Every metric SPARC exports, on a registry of its own (one per app)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        registry = self.registry
+
+        def gauge(name: str, documentation: str) -> Gauge:
+            # livesum: across workers, the sum over the processes still alive.
+            return Gauge(name, documentation, registry=registry, multiprocess_mode="livesum")
+
+        self.pool_size = gauge("sparc_db_pool_size", "Open pooled connections.")
+        self.pool_idle = gauge("sparc_db_pool_idle", "Pooled connections not in use.")
+        self.pool_in_use = gauge("sparc_db_pool_in_use", "Pooled connections in use.")
+        self.pool_waiting = gauge("sparc_db_pool_waiting", "Requests waiting for a connection.")
+        self.pool_max = gauge("sparc_db_pool_max", "The pools' bound (DB_POOL_MAX_SIZE each).")
+        self.acquire_wait = Histogram(
+            "sparc_db_pool_acquire_wait_seconds",
+            "Time from asking the pool for a connection to getting one.",
+            buckets=_WAIT_BUCKETS,
+            registry=registry,
+        )
+        self.acquire_timeouts = Counter(
+            "sparc_db_pool_acquire_timeouts",
+            "Requests that got no connection within DB_POOL_TIMEOUT.",
+            registry=registry,
+        )
+        self.opened = Counter(
+            "sparc_db_connections_opened", "Connections opened.", registry=registry
+        )
+        self.closed = Counter(
+            "sparc_db_connections_closed", "Connections closed.", registry=registry
+        )
+        self.discarded = Counter(
+            "sparc_db_connections_discarded",
+            "Connections thrown away as broken instead of reused.",
+            registry=registry,
+        )
+        transactions = Counter(
+            "sparc_db_transactions",
+            "Transactions ended, by outcome.",
+            ["outcome"],
+            registry=registry,
+        )
+        self.committed = transactions.labels(outcome="committed")
+        self.rolled_back = transactions.labels(outcome="rolled_back")
+        self.requests = Counter(
+            "sparc_http_requests",
+            "HTTP requests answered, by route template, method and status.",
+            ["route", "method", "status"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "sparc_http_request_duration_seconds",
+            "Time from a request's arrival to its response's end, by route template.",
+            ["route", "method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+    # PoolEvents
+    def acquired(self, wait_seconds: float) -> None:
+        self.acquire_wait.observe(wait_seconds)
+
+    def acquire_timed_out(self) -> None:
+        self.acquire_timeouts.inc()
+
+    def connection_opened(self) -> None:
+        self.opened.inc()
+
+    def connection_closed(self) -> None:
+        self.closed.inc()
+
+    def connection_discarded(self) -> None:
+        self.discarded.inc()
+
+    def transaction_finished(self, *, committed: bool) -> None:
+        (self.committed if committed else self.rolled_back).inc()
+
+    def sample_pool(self, client: DatabaseClient) -> None:
+        stats = client.pool_stats()
+        self.pool_size.set(stats.size)
+        self.pool_idle.set(stats.idle)
+        self.pool_in_use.set(stats.in_use)
+        self.pool_waiting.set(stats.waiting)
+        self.pool_max.set(stats.max)
+
+    @contextlib.asynccontextmanager
+    async def sampling(self, client: DatabaseClient) -> AsyncIterator[None]:
+        """Keep the pool gauges current while the app runs; zero them when it stops."""
+        async with anyio.create_task_group() as group:
+
+            async def sample_forever() -> None:
+                while True:
+                    self.sample_pool(client)
+                    await anyio.sleep(POOL_SAMPLE_SECONDS)
+
+            group.start_soon(sample_forever)
+            try:
+                yield
+            finally:
+                group.cancel_scope.cancel()
+                for gauge in (self.pool_size, self.pool_idle, self.pool_in_use, self.pool_waiting):
+                    gauge.set(0)
+                self.pool_max.set(0)
+
+    def exposition(self) -> bytes:
+        directory = os.environ.get(MULTIPROCESS_DIR_VARIABLE)
+        if not directory:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+
+
+class HTTPMetricsMiddleware:
+    """Counts every HTTP request by route template (not raw path) and times it."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+        # labels() looks children up by string each time; caching keeps it off the hot path.
+        self._counters: dict[tuple[str, str, int], Counter] = {}
+        self._timers: dict[tuple[str, str], Histogram] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            method = scope["method"]
+            counter = self._counters.get((template, method, status))
+            if counter is None:
+                counter = self.metrics.requests.labels(route=template, method=method, status=status)
+                self._counters[(template, method, status)] = counter
+            timer = self._timers.get((template, method))
+            if timer is None:
+                timer = self.metrics.latency.labels(route=template, method=method)
+                self._timers[(template, method)] = timer
+            counter.inc()
+            timer.observe(time.perf_counter() - started)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    metrics: Metrics = request.app.state.metrics
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+routes = [Route("/metrics", metrics_endpoint, methods=["GET"])]

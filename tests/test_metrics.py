@@ -1,0 +1,137 @@
+"""GET /metrics: the names operators alert on, and values that move when the pool works."""
+
+from __future__ import annotations
+
+import asyncpg
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from sparc.app import create_app
+from sparc.database import DatabaseUnavailable
+from sparc.settings import Settings
+from tests.conftest import serving
+from tests.helpers import bearer, register, token_for
+
+pytestmark = pytest.mark.anyio
+
+EXPECTED = {
+    "sparc_db_pool_size",
+    "sparc_db_pool_idle",
+    "sparc_db_pool_in_use",
+    "sparc_db_pool_waiting",
+    "sparc_db_pool_max",
+    "sparc_db_pool_acquire_wait_seconds",
+    "sparc_db_pool_acquire_timeouts",
+    "sparc_db_connections_opened",
+    "sparc_db_connections_closed",
+    "sparc_db_connections_discarded",
+    "sparc_db_transactions",
+    "sparc_http_requests",
+    "sparc_http_request_duration_seconds",
+}
+
+
+def parse(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def scrape(http: httpx.AsyncClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = await http.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return parse(response.text)
+
+
+def value(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_metrics_lists_every_family(http: httpx.AsyncClient) -> None:
+    families = {
+        family.name for family in text_string_to_metric_families((await http.get("/metrics")).text)
+    }
+    assert families >= EXPECTED
+
+
+async def test_request_and_transaction_counts_move(http: httpx.AsyncClient) -> None:
+    before = await scrape(http)
+    token = await token_for(http, "metrics@example.org")
+    for _ in range(3):
+        assert (await http.get("/auth/me", headers=bearer(token))).status_code == 200
+    assert (await register(http, "metrics@example.org")).status_code == 409
+    after = await scrape(http)
+
+    me = {"route": "/auth/me", "method": "GET", "status": "200"}
+    assert (
+        value(after, "sparc_http_requests_total", **me)
+        - value(before, "sparc_http_requests_total", **me)
+        == 3
+    )
+    conflict = {"route": "/auth/register", "method": "POST", "status": "409"}
+    assert value(after, "sparc_http_requests_total", **conflict) == 1
+    assert (
+        value(after, "sparc_http_request_duration_seconds_count", route="/auth/me", method="GET")
+        >= 3
+    )
+    committed = value(after, "sparc_db_transactions_total", outcome="committed")
+    rolled_back = value(after, "sparc_db_transactions_total", outcome="rolled_back")
+    assert (
+        committed - value(before, "sparc_db_transactions_total", outcome="committed") == 2
+    )  # register, login
+    assert (
+        rolled_back - value(before, "sparc_db_transactions_total", outcome="rolled_back") == 1
+    )  # the 409
+    waits = value(after, "sparc_db_pool_acquire_wait_seconds_count")
+    assert waits - value(before, "sparc_db_pool_acquire_wait_seconds_count") >= 6
+    assert value(after, "sparc_db_connections_opened_total") >= 1
+
+
+async def test_unmatched_paths_share_one_label(http: httpx.AsyncClient) -> None:
+    for path in ("/a", "/b/c", "/d"):
+        await http.get(path)
+    samples = await scrape(http)
+    assert (
+        value(samples, "sparc_http_requests_total", route="unmatched", method="GET", status="404")
+        == 3
+    )
+
+
+async def test_pool_gauges_follow_the_pool(database_url: str) -> None:
+    app = create_app(Settings(database_url=database_url, pool_min_size=2, pool_max_size=7))
+    async with serving(app) as http:
+        app.state.metrics.sample_pool(app.state.db_client)
+        samples = await scrape(http)
+    assert value(samples, "sparc_db_pool_max") == 7
+    assert value(samples, "sparc_db_pool_size") == 2
+    assert value(samples, "sparc_db_pool_idle") == 2
+    assert value(samples, "sparc_db_pool_in_use") == 0
+
+
+async def test_discarded_connections_and_acquire_timeouts_are_counted(
+    database_url: str, admin: asyncpg.Connection
+) -> None:
+    settings = Settings(
+        database_url=database_url, pool_min_size=1, pool_max_size=1, pool_timeout=0.2
+    )
+    app = create_app(settings)
+    db = app.state.db_client
+    async with serving(app) as http:
+        with pytest.raises(DatabaseUnavailable):
+            async with db.transaction():
+                pid = await db.fetch_val("SELECT pg_backend_pid()")
+                await admin.execute("SELECT pg_terminate_backend($1)", pid)
+                await db.fetch_val("SELECT 1")  # the connection died under us: discarded
+        async with db.transaction():
+            await db.fetch_val("SELECT 1")  # holds the only connection
+            assert (await http.get("/readyz")).status_code == 503
+        samples = await scrape(http)
+    assert value(samples, "sparc_db_pool_acquire_timeouts_total") == 1
+    assert value(samples, "sparc_db_connections_discarded_total") >= 1
+    assert value(samples, "sparc_db_connections_closed_total") >= 1
