@@ -91,6 +91,23 @@ async def database_url(server_url: str, template_database: str) -> AsyncIterator
 
 
 @pytest.fixture
+def cli_database(server_url: str) -> Iterator[str]:
+    """An empty database (no schema: `sparc serve` must migrate it), for real processes."""
+    name = f"sparc_cli_{os.getpid()}_{time.monotonic_ns()}"
+
+    async def admin(sql: str) -> None:
+        connection = await asyncpg.connect(asyncpg_dsn(server_url))
+        try:
+            await connection.execute(sql)
+        finally:
+            await connection.close()
+
+    anyio.run(admin, f'CREATE DATABASE "{name}"')
+    yield with_database(server_url, name)
+    anyio.run(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
 async def admin(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A connection of the test's own, outside SPARC's pool, to look at what SPARC did."""
     connection = await asyncpg.connect(asyncpg_dsn(database_url))

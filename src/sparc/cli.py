@@ -42,6 +42,21 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_port, default=8000, help="port to bind (default 8000)")
     serve.add_argument("--workers", type=_positive, default=1, help="worker processes (default 1)")
     commands.add_parser("migrate", help="apply database migrations and exit")
+    loadtest = commands.add_parser(
+        "loadtest",
+        help="load a running SPARC and check its connection count stays bounded",
+        description="Registers a throwaway user, then drives GET /auth/me (and logins) with many "
+        "clients while sampling pg_stat_activity. Exits 1 if the peak exceeds the service's "
+        "connection bound, or on any 5xx other than 503 or a request that got no answer.",
+    )
+    loadtest.add_argument("--url", required=True, help="the service, e.g. http://127.0.0.1:8000")
+    loadtest.add_argument("--concurrency", type=_positive, default=200, help="clients (200)")
+    loadtest.add_argument("--duration", type=_seconds, default=30.0, help="seconds (30)")
+    loadtest.add_argument(
+        "--login-ratio", type=_ratio, default=0.0, help="share of requests that log in (0.0)"
+    )
+    loadtest.add_argument("--json", action="store_true", help="print the report as JSON only")
+    loadtest.add_argument("--database-url", help="the service's database (default: DATABASE_URL)")
     return parser
 
 
@@ -55,6 +70,26 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 seconds")
+    return value
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and 1")
+    return value
+
+
 def _port(text: str) -> int:
     value = _positive(text)
     if value > 65535:
@@ -64,12 +99,16 @@ def _port(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    # The load test's own output is its report; the sampler's pool chatter would only blur it.
+    level = logging.WARNING if args.command == "loadtest" else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s:     %(name)s: %(message)s")
     try:
         settings = load_settings()
     except SettingsError as exc:
         print(f"sparc: {exc}", file=sys.stderr)
         return 2
+    if args.command == "loadtest":
+        return _loadtest(args, settings)
     try:
         with _stop_on_signals(), _database(settings) as settings:
             if args.command == "migrate":
@@ -128,6 +167,33 @@ def _serve(settings: Settings, *, host: str, port: int, workers: int) -> int:
             proxy_headers=False,
         )
     return 0
+
+
+def _loadtest(args: argparse.Namespace, settings: Settings) -> int:
+    from sparc.loadtest import LoadtestError
+    from sparc.loadtest_report import run_with_display
+
+    url = args.database_url or settings.database_url
+    if url is None:
+        print(
+            "sparc: loadtest needs the service's database to count its connections: "
+            "pass --database-url or set DATABASE_URL",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        database_settings = settings.with_database_url(url)
+    except SettingsError as exc:
+        print(f"sparc: {str(exc).replace('DATABASE_URL', '--database-url', 1)}", file=sys.stderr)
+        return 2
+    try:
+        report = run_with_display(args, database_settings)
+    except (LoadtestError, DatabaseUnavailable) as exc:
+        print(f"sparc: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0 if report.passed else 1
 
 
 @contextlib.contextmanager
