@@ -43,8 +43,15 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def server(app: str, env: dict[str, str], *, workers: int = 1) -> Iterator[str]:
-    """Run `app` (a uvicorn factory path) on a free port; yield its base URL."""
+    """Run `app` (a uvicorn factory path) on a free port; yield its base URL.
+
+    Its log goes to bench/results/<app>.log: the connection-per-request app logs a traceback
+    for every request PostgreSQL refuses.
+    """
     port = free_port()
+    log_dir = REPO_ROOT / "bench" / "results"
+    log_dir.mkdir(exist_ok=True)
+    log = (log_dir / f"{app.split(':')[-1]}.log").open("a")
     process = subprocess.Popen(
         [
             sys.executable,
@@ -62,6 +69,8 @@ def server(app: str, env: dict[str, str], *, workers: int = 1) -> Iterator[str]:
         ],
         env={**os.environ, **env},
         cwd=REPO_ROOT,
+        stdout=log,
+        stderr=log,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -80,6 +89,7 @@ def server(app: str, env: dict[str, str], *, workers: int = 1) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=30)
+        log.close()
 
 
 def bearer_token(base: str, email: str = "bench@example.org") -> str:
@@ -103,8 +113,18 @@ class WrkResult:
 
 
 def _milliseconds(text: str) -> float:
-    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
-    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text)
+    if match is None:
+        raise ValueError(f"wrk printed a latency SPARC cannot read: {text!r}")
+    value, unit = match.groups()
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3.6e6}[unit]
+
+
+def _percentile_line(output: str, percent: int) -> float:
+    match = re.search(rf"^\s+{percent}%\s+(\S+)\s*$", output, re.MULTILINE)
+    if match is None:
+        raise ValueError(f"wrk printed no {percent}% latency:\n{output}")
+    return _milliseconds(match.group(1))
 
 
 def wrk(
@@ -124,8 +144,8 @@ def wrk(
     )
     return WrkResult(
         requests_per_second=float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),  # type: ignore[union-attr]
-        p50_ms=_milliseconds(re.search(r"50%\s+(\S+)", output).group(1)),  # type: ignore[union-attr]
-        p99_ms=_milliseconds(re.search(r"99%\s+(\S+)", output).group(1)),  # type: ignore[union-attr]
+        p50_ms=_percentile_line(output, 50),
+        p99_ms=_percentile_line(output, 99),
         requests=int(re.search(r"(\d+) requests in", output).group(1)),  # type: ignore[union-attr]
         non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
         socket_errors=sum(int(n) for n in errors.groups()) if errors else 0,

@@ -36,9 +36,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await client.disconnect()
 
     app = Starlette(
+        # Routes are matched in order: the busiest first.
         routes=[
-            *health.routes,
             *auth.routes,
+            *health.routes,
             *sessions.routes,
             *audit.routes,
             *openapi.routes,

@@ -571,10 +571,15 @@ class DatabaseClient:
         self._waiting += 1
         started = time.perf_counter()
         try:
-            # asyncio.timeout, not acquire(timeout=...): asyncpg implements that with wait_for,
-            # which costs a task and extra event-loop turns on every acquire.
-            async with asyncio.timeout(self.settings.pool_timeout):
+            if pool._queue.qsize():
+                # An idle connection is there to take: no wait to bound (opening a replacement
+                # for a dead one is bounded by DB_CONNECT_TIMEOUT), so skip the timer.
                 connection = await pool.acquire()
+            else:
+                # asyncio.timeout, not acquire(timeout=...): asyncpg implements that with
+                # wait_for, which costs a task and extra event-loop turns on every acquire.
+                async with asyncio.timeout(self.settings.pool_timeout):
+                    connection = await pool.acquire()
         except TimeoutError:
             self.events.acquire_timed_out()
             if pool.get_size() >= pool.get_max_size():

@@ -1,0 +1,264 @@
+"""The benchmark: SPARC's GET /auth/me against a bare asyncpg endpoint and a connection-per-request
+endpoint, plus overload, memory and scaling checks. One command, one machine:
+
+    python -m bench.run [--database-url URL] [--rounds 3] [--seconds 10] [--connections 64]
+
+Starts PostgreSQL (a throwaway embedded one unless a URL is given), SPARC and the two reference
+apps (bench/reference_apps.py), each under uvicorn with the same flags, then loads them in turn,
+A B C A B C ..., with wrk, and prints medians, ratios and the targets' verdicts. Results go to
+bench/results/latest.json and the chart to bench/auth_me.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from bench.common import REPO_ROOT, WrkResult, bearer_token, database, server, wrk
+
+RESULTS = REPO_ROOT / "bench" / "results"
+CHART = REPO_ROOT / "bench" / "auth_me.png"  # kept in git: the README shows it
+APPS = {
+    "sparc": "sparc.app:create_app",
+    "bare asyncpg": "bench.reference_apps:bare",
+    "connection per request": "bench.reference_apps:per_request",
+}
+
+
+def server_pid(base: str) -> int:
+    """The uvicorn process listening on `base`'s port."""
+    port = int(base.rsplit(":", 1)[1])
+    for connection in psutil.net_connections("tcp"):
+        if connection.laddr and connection.laddr.port == port and connection.status == "LISTEN":
+            assert connection.pid is not None
+            return connection.pid
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def loadtest(base: str, url: str, concurrency: int, seconds: int) -> dict[str, object]:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sparc",
+            "loadtest",
+            "--url",
+            base,
+            "--concurrency",
+            str(concurrency),
+            "--duration",
+            str(seconds),
+            "--json",
+            "--database-url",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        check=False,
+    )
+    report: dict[str, object] = json.loads(result.stdout)
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="SPARC's benchmark")
+    parser.add_argument("--database-url", default=os.environ.get("BENCH_DATABASE_URL"))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--pool-size", type=int, default=10)
+    args = parser.parse_args()
+    figures: dict[str, object] = {"settings": vars(args) | {"database_url": None}}
+
+    with database(args.database_url) as url:
+        env = {
+            "DATABASE_URL": url,
+            "BENCH_DATABASE_URL": url,
+            "DB_POOL_MAX_SIZE": str(args.pool_size),
+        }
+        runs: dict[str, list[WrkResult]] = {name: [] for name in APPS}
+        with (
+            server(APPS["sparc"], env) as sparc,
+            server(APPS["bare asyncpg"], env) as bare,
+            server(APPS["connection per request"], env) as per_request,
+        ):
+            bases = {"sparc": sparc, "bare asyncpg": bare, "connection per request": per_request}
+            headers = {"Authorization": f"Bearer {bearer_token(sparc)}"}
+            for base in bases.values():  # warm every app up before measuring
+                wrk(f"{base}/auth/me", connections=8, seconds=2, headers=headers)
+            for round_number in range(1, args.rounds + 1):
+                for name, base in bases.items():
+                    result = wrk(
+                        f"{base}/auth/me",
+                        connections=args.connections,
+                        seconds=args.seconds,
+                        headers=headers,
+                    )
+                    runs[name].append(result)
+                    print(
+                        f"round {round_number} {name:24} {result.requests_per_second:9.1f} req/s  "
+                        f"p99 {result.p99_ms:7.1f} ms  "
+                        f"errors {result.non_2xx + result.socket_errors}",
+                        flush=True,
+                    )
+
+            # Where connection-per-request breaks: more clients than PostgreSQL takes connections.
+            crowd = 200
+            crowd_runs = {
+                name: wrk(
+                    f"{bases[name]}/auth/me",
+                    connections=crowd,
+                    seconds=args.seconds,
+                    headers=headers,
+                )
+                for name in ("sparc", "connection per request")
+            }
+
+        # SPARC alone from here, so pg_stat_activity shows its connections and nobody else's.
+        with server(APPS["sparc"], env) as sparc:
+            headers = {"Authorization": f"Bearer {bearer_token(sparc)}"}
+            # 20x overload, checked by sparc loadtest against pg_stat_activity.
+            overload = loadtest(sparc, url, 20 * args.pool_size, args.seconds)
+
+            # Memory: RSS after a warm-up, then after 100,000 more requests.
+            pid = server_pid(sparc)
+            wrk(f"{sparc}/auth/me", connections=args.connections, seconds=3, headers=headers)
+            rss_before = psutil.Process(pid).memory_info().rss
+            served = 0
+            while served < 100_000:
+                served += wrk(
+                    f"{sparc}/auth/me", connections=args.connections, seconds=5, headers=headers
+                ).requests
+            rss_after = psutil.Process(pid).memory_info().rss
+
+        # Scaling: the same load on one and on two workers.
+        scaling: dict[int, float] = {}
+        for workers in (1, 2):
+            with server(APPS["sparc"], env, workers=workers) as base:
+                time.sleep(1)
+                token = bearer_token(base, email=f"workers{workers}@example.org")
+                wrk(
+                    f"{base}/auth/me",
+                    connections=8,
+                    seconds=2,
+                    headers={"Authorization": f"Bearer {token}"},
+                )
+                scaling[workers] = statistics.median(
+                    wrk(
+                        f"{base}/auth/me",
+                        connections=args.connections,
+                        seconds=args.seconds,
+                        headers={"Authorization": f"Bearer {token}"},
+                    ).requests_per_second
+                    for _ in range(2)
+                )
+
+    median = {
+        name: statistics.median(r.requests_per_second for r in results)
+        for name, results in runs.items()
+    }
+    p99 = {name: statistics.median(r.p99_ms for r in results) for name, results in runs.items()}
+    errors = {
+        name: sum(r.non_2xx + r.socket_errors for r in results) for name, results in runs.items()
+    }
+    targets = {
+        "req/s >= 0.85x bare": median["sparc"] / median["bare asyncpg"] >= 0.85,
+        "p99 <= 2x bare": p99["sparc"] <= 2 * p99["bare asyncpg"],
+        ">= 10x connection-per-request": median["sparc"] / median["connection per request"] >= 10,
+        f"no errors at {crowd} clients where per-request fails": (
+            crowd_runs["sparc"].non_2xx + crowd_runs["sparc"].socket_errors == 0
+            and crowd_runs["connection per request"].non_2xx
+            + crowd_runs["connection per request"].socket_errors
+            > 0
+        ),
+        "20x overload: peak <= bound, no error but 503": bool(overload["passed"]),
+        "RSS grows < 10% over 100k requests": rss_after < 1.10 * rss_before,
+        "--workers 2 scales req/s": scaling[2] > scaling[1],
+    }
+    figures.update(
+        median_requests_per_second=median,
+        median_p99_ms=p99,
+        errors=errors,
+        ratio_to_bare=round(median["sparc"] / median["bare asyncpg"], 3),
+        p99_ratio_to_bare=round(p99["sparc"] / p99["bare asyncpg"], 3),
+        ratio_to_per_request=round(median["sparc"] / median["connection per request"], 1),
+        crowd={
+            name: {
+                "clients": crowd,
+                "requests_per_second": r.requests_per_second,
+                "errors": r.non_2xx + r.socket_errors,
+            }
+            for name, r in crowd_runs.items()
+        },
+        overload=overload,
+        rss_mib={
+            "before": round(rss_before / 2**20, 1),
+            "after": round(rss_after / 2**20, 1),
+            "requests": served,
+            "growth": round(rss_after / rss_before - 1, 4),
+        },
+        workers_scaling={
+            "1": scaling[1],
+            "2": scaling[2],
+            "factor": round(scaling[2] / scaling[1], 2),
+        },
+        targets=targets,
+    )
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(figures, indent=2))
+    chart(median, p99, CHART)
+
+    print()
+    for name in APPS:
+        print(
+            f"{name:24} median {median[name]:9.1f} req/s   "
+            f"median p99 {p99[name]:7.1f} ms   errors {errors[name]}"
+        )
+    print(
+        f"sparc / bare: {figures['ratio_to_bare']}x req/s, {figures['p99_ratio_to_bare']}x p99; "
+        f"sparc / per-request: {figures['ratio_to_per_request']}x"
+    )
+    for name, r in crowd_runs.items():
+        print(
+            f"{crowd} clients, {name}: {r.requests_per_second:.1f} req/s, "
+            f"errors {r.non_2xx + r.socket_errors}"
+        )
+    print(
+        f"20x overload: {overload['requests']} requests, statuses {overload['status_counts']}, "
+        f"peak {overload['peak_connections']} of {overload['connection_bound']}"
+    )
+    print(f"RSS {figures['rss_mib']}")
+    print(f"workers: {figures['workers_scaling']}")
+    for target, met in targets.items():
+        print(f"{'PASS' if met else 'FAIL'}  {target}")
+
+
+def chart(median: dict[str, float], p99: dict[str, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(median)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.bar(names, [median[n] for n in names], color=["#2a7", "#888", "#c44"])
+    left.set_title("GET /auth/me, requests/s (median)")
+    right.bar(names, [p99[n] for n in names], color=["#2a7", "#888", "#c44"])
+    right.set_title("p99 latency, ms (median)")
+    for axis in (left, right):
+        axis.tick_params(axis="x", labelsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()
