@@ -242,3 +242,80 @@ async def test_execute_many_refuses_core_value_sets_with_different_keys(
             await db.execute_many(table.insert(), [{"body": "x"}, {"id": 9, "body": "y"}])
         with pytest.raises(QueryError):
             await db.execute("INSERT INTO notes (nope) VALUES (1)")
+
+
+async def test_a_full_wait_queue_answers_503_at_once(database_url: str) -> None:
+    settings = Settings(
+        database_url=database_url,
+        pool_min_size=0,
+        pool_max_size=1,
+        pool_timeout=10,
+        pool_max_waiting=1,
+    )
+    holding, release = anyio.Event(), anyio.Event()
+
+    async def hold(request: Request) -> Response:
+        await get_db_client().fetch_val("SELECT 1")
+        holding.set()
+        await release.wait()
+        return JSONResponse({})
+
+    async def query(request: Request) -> Response:
+        await get_db_client().fetch_val("SELECT 1")
+        return JSONResponse({})
+
+    app = tiny_app(settings, hold=hold, query=query)
+    results: dict[str, httpx.Response] = {}
+
+    async def call(name: str, path: str) -> None:
+        results[name] = await http.get(path)
+
+    async with serving(app) as http, anyio.create_task_group() as group:
+        group.start_soon(call, "holder", "/hold")
+        await holding.wait()
+        group.start_soon(call, "queued", "/query")
+        await poll_until(lambda: app.state.client.pool_stats().waiting == 1)
+        with anyio.fail_after(1):  # refused at once, not after DB_POOL_TIMEOUT
+            refused = await http.get("/query")
+        release.set()
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "1"
+    assert "DB_POOL_MAX_WAITING=1" in refused.json()["detail"]
+    assert results["holder"].status_code == 200
+    assert results["queued"].status_code == 200
+
+
+async def test_a_runaway_statement_answers_503_and_leaves_the_connection_healthy(
+    database_url: str, admin: asyncpg.Connection
+) -> None:
+    settings = Settings(
+        database_url=database_url, pool_min_size=1, pool_max_size=1, statement_timeout=0.2
+    )
+
+    async def runaway(request: Request) -> Response:
+        await get_db_client().fetch_val("SELECT pg_sleep(5)")
+        return JSONResponse({})
+
+    async def pid(request: Request) -> Response:
+        return JSONResponse({"pid": await get_db_client().fetch_val("SELECT pg_backend_pid()")})
+
+    app = tiny_app(settings, runaway=runaway, pid=pid)
+    async with serving(app) as http:
+        before = (await http.get("/pid")).json()["pid"]
+        with anyio.fail_after(3):
+            response = await http.get("/runaway")
+        after = (await http.get("/pid")).json()["pid"]
+        await assert_pool_clean(app.state.client, admin)
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "cancel" in response.json()["detail"]
+    assert after == before  # the same connection served on: nothing was discarded
+
+
+@pytest.mark.parametrize(("seconds", "shown"), [(60.0, "1min"), (0.0, "0")])
+async def test_idle_in_transaction_timeout_is_set_on_pool_connections(
+    database_url: str, seconds: float, shown: str
+) -> None:
+    settings = Settings(database_url=database_url, idle_in_transaction_timeout=seconds)
+    async with DatabaseClient(settings) as db:
+        assert await db.fetch_val("SHOW idle_in_transaction_session_timeout") == shown

@@ -23,6 +23,7 @@ EXPECTED = {
     "sparc_db_pool_max",
     "sparc_db_pool_acquire_wait_seconds",
     "sparc_db_pool_acquire_timeouts",
+    "sparc_db_pool_acquire_refused",
     "sparc_db_connections_opened",
     "sparc_db_connections_closed",
     "sparc_db_connections_discarded",

@@ -60,6 +60,7 @@ class PoolEvents:
 
     def acquired(self, wait_seconds: float) -> None: ...
     def acquire_timed_out(self) -> None: ...
+    def acquire_refused(self) -> None: ...
     def connection_opened(self) -> None: ...
     def connection_closed(self) -> None: ...
     def connection_discarded(self) -> None: ...
@@ -81,6 +82,18 @@ class DatabaseUnavailable(Exception):
 
 class PoolTimeout(DatabaseUnavailable):
     """No pooled connection became free within DB_POOL_TIMEOUT."""
+
+    retry_after = 1
+
+
+class PoolQueueFull(DatabaseUnavailable):
+    """DB_POOL_MAX_WAITING requests already wait for a connection; this one is refused at once."""
+
+    retry_after = 1
+
+
+class StatementTimeout(DatabaseUnavailable):
+    """PostgreSQL cancelled a statement that ran past DB_STATEMENT_TIMEOUT."""
 
     retry_after = 1
 
@@ -126,8 +139,17 @@ def _is_closed(connection: Any) -> bool:
         return True  # asyncpg already handed a connection that closed back to its pool
 
 
+def _breaks_connection(exc: BaseException) -> bool:
+    # A cancelled statement (57014) is filed under "operator intervention" like a server
+    # shutdown, but the connection it ran on is fine.
+    return isinstance(exc, _CONNECTION_ERRORS) and not isinstance(exc, asyncpg.QueryCanceledError)
+
+
 def _translate(exc: BaseException) -> BaseException:
     """Map a driver exception to this module's errors, so callers never import asyncpg."""
+    if isinstance(exc, asyncpg.QueryCanceledError):
+        # statement_timeout (or a cancel request): the connection itself is fine.
+        return StatementTimeout(f"the database cancelled a statement: {exc}")
     if isinstance(exc, _CONNECTION_ERRORS):
         return DatabaseUnavailable(f"lost the connection to PostgreSQL: {exc}")
     if isinstance(exc, asyncpg.PostgresError):
@@ -258,7 +280,7 @@ class _UnitOfWork:
                         await self._begin_transaction(connection)
                     return await operation(connection)
                 except BaseException as exc:
-                    if isinstance(exc, _CONNECTION_ERRORS) or _is_closed(connection):
+                    if _breaks_connection(exc) or _is_closed(connection):
                         self._broken = True
                     translated = _translate(exc)
                     if translated is exc:
@@ -311,7 +333,7 @@ class _UnitOfWork:
             self._broken = True  # the commit's outcome is unknown; never reuse this session
             raise
         except Exception as exc:
-            if isinstance(exc, _CONNECTION_ERRORS) or _is_closed(self._connection):
+            if _breaks_connection(exc) or _is_closed(self._connection):
                 self._broken = True
                 raise DatabaseUnavailable(
                     f"lost the connection to PostgreSQL during commit: {exc}"
@@ -463,9 +485,12 @@ class DatabaseClient:
 
     def _build_database(self, url: str) -> databases.Database:
         server_settings = {"application_name": self.application_name}
-        if self.settings.statement_timeout:
-            timeout_ms = math.ceil(self.settings.statement_timeout * 1000)
-            server_settings["statement_timeout"] = str(timeout_ms)
+        for name, seconds in (
+            ("statement_timeout", self.settings.statement_timeout),
+            ("idle_in_transaction_session_timeout", self.settings.idle_in_transaction_timeout),
+        ):
+            if seconds:
+                server_settings[name] = str(math.ceil(seconds * 1000))  # milliseconds
         dsn = url.replace("postgresql+asyncpg://", "postgresql://", 1)
         return databases.Database(
             dsn,
@@ -568,6 +593,14 @@ class DatabaseClient:
 
     async def _acquire(self) -> Any:
         pool = self._pool()
+        limit = self.settings.pool_max_waiting
+        if limit and self._waiting >= limit and not pool._queue.qsize():
+            # Backpressure: a queue this long would only turn into timeouts; answer now.
+            self.events.acquire_refused()
+            raise PoolQueueFull(
+                f"{self._waiting} requests already wait for a database connection "
+                f"(DB_POOL_MAX_WAITING={limit})"
+            )
         self._waiting += 1
         started = time.perf_counter()
         try:

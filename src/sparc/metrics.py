@@ -63,6 +63,11 @@ class Metrics(PoolEvents):
             "Requests that got no connection within DB_POOL_TIMEOUT.",
             registry=registry,
         )
+        self.acquire_refusals = Counter(
+            "sparc_db_pool_acquire_refused",
+            "Requests refused at once because DB_POOL_MAX_WAITING others already waited.",
+            registry=registry,
+        )
         self.opened = Counter(
             "sparc_db_connections_opened", "Connections opened.", registry=registry
         )
@@ -102,6 +107,9 @@ class Metrics(PoolEvents):
 
     def acquire_timed_out(self) -> None:
         self.acquire_timeouts.inc()
+
+    def acquire_refused(self) -> None:
+        self.acquire_refusals.inc()
 
     def connection_opened(self) -> None:
         self.opened.inc()

@@ -36,6 +36,10 @@ class Settings:
     statement_timeout: float = 30.0
     pool_max_idle: float = 300.0
     statement_cache_size: int = 100
+    # 0 = unbounded: every request may queue for a connection (up to DB_POOL_TIMEOUT).
+    pool_max_waiting: int = 0
+    # Server-side backstop for a transaction left open by a bug; 0 turns it off.
+    idle_in_transaction_timeout: float = 60.0
     data_dir: Path = DEFAULT_DATA_DIR
     token_ttl: float = 12 * 3600.0
     token_idle_timeout: float = 30 * 60.0
@@ -122,6 +126,10 @@ def load_settings(
         statement_timeout=reader.seconds("DB_STATEMENT_TIMEOUT", 30.0, allow_zero=True),
         pool_max_idle=reader.seconds("DB_POOL_MAX_IDLE", 300.0, allow_zero=True),
         statement_cache_size=reader.integer("DB_STATEMENT_CACHE_SIZE", 100, minimum=0),
+        pool_max_waiting=reader.integer("DB_POOL_MAX_WAITING", 0, minimum=0),
+        idle_in_transaction_timeout=reader.seconds(
+            "DB_IDLE_IN_TRANSACTION_TIMEOUT", 60.0, allow_zero=True
+        ),
         data_dir=reader.path("SPARC_DATA_DIR", DEFAULT_DATA_DIR),
         token_ttl=reader.seconds("SPARC_TOKEN_TTL", 12 * 3600.0, allow_zero=False),
         token_idle_timeout=reader.seconds("SPARC_TOKEN_IDLE_TIMEOUT", 1800.0, allow_zero=False),
