@@ -167,3 +167,35 @@ def _tables(url: str) -> set[str]:
             await connection.close()
 
     return anyio.run(names)
+
+
+def test_serve_refuses_pools_that_cannot_fit_in_max_connections(
+    cli_database: str, tmp_path: Path
+) -> None:
+    env = sparc_env(DATABASE_URL=cli_database, DB_POOL_MAX_SIZE="60")
+    result = subprocess.run(
+        [sys.executable, "-m", "sparc", "serve", "--workers", "2", "--port", str(free_port())],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("sparc:")]
+    assert len(errors) == 1, result.stderr
+    assert "need 120 connections" in errors[0]
+    assert "max_connections=100" in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_the_budget_check_can_be_turned_off(cli_database: str, tmp_path: Path) -> None:
+    env = sparc_env(
+        DATABASE_URL=cli_database, DB_POOL_MAX_SIZE="60", DB_CONNECTION_BUDGET_CHECK="false"
+    )
+    process, base = start_serve(env, "--workers", "2", cwd=tmp_path)
+    try:
+        assert poll(f"{base}/readyz", process=process).json()["connection_bound"] == 120
+    finally:
+        code, stderr = stop(process)
+    assert code == 0, stderr

@@ -22,6 +22,7 @@ def test_defaults() -> None:
     assert settings.pool_max_idle == 300.0
     assert settings.statement_cache_size == 100
     assert (settings.pool_max_waiting, settings.idle_in_transaction_timeout) == (0, 60.0)
+    assert settings.connection_budget_check is True
     assert settings.data_dir == DEFAULT_DATA_DIR
     assert (settings.token_ttl, settings.token_idle_timeout) == (43200.0, 1800.0)
     assert (settings.login_max_failures, settings.login_window) == (5, 900.0)
@@ -43,6 +44,7 @@ def test_every_variable_is_read() -> None:
             "DB_STATEMENT_CACHE_SIZE": "0",
             "DB_POOL_MAX_WAITING": "50",
             "DB_IDLE_IN_TRANSACTION_TIMEOUT": "2m",
+            "DB_CONNECTION_BUDGET_CHECK": "off",
             "SPARC_DATA_DIR": "/srv/sparc",
             "SPARC_TOKEN_TTL": "1h",
             "SPARC_TOKEN_IDLE_TIMEOUT": "10m",
@@ -66,6 +68,7 @@ def test_every_variable_is_read() -> None:
         statement_cache_size=0,
         pool_max_waiting=50,
         idle_in_transaction_timeout=120.0,
+        connection_budget_check=False,
         data_dir=Path("/srv/sparc"),
         token_ttl=3600.0,
         token_idle_timeout=600.0,
@@ -101,6 +104,7 @@ def test_every_variable_is_read() -> None:
         ("DB_STATEMENT_CACHE_SIZE", "-5", "at least 0"),
         ("DB_POOL_MAX_WAITING", "-1", "at least 0"),
         ("DB_IDLE_IN_TRANSACTION_TIMEOUT", "soon", "not a duration"),
+        ("DB_CONNECTION_BUDGET_CHECK", "maybe", "not a boolean"),
         ("SPARC_TOKEN_TTL", "0", "more than 0"),
         ("SPARC_TOKEN_IDLE_TIMEOUT", "forever", "not a duration"),
         ("SPARC_LOGIN_MAX_FAILURES", "0", "at least 1"),

@@ -26,6 +26,10 @@ logger = logging.getLogger("sparc")
 MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 
+class ConnectionBudgetExceeded(Exception):
+    """The pools `sparc serve` would open cannot fit in the server's connections."""
+
+
 class MigrationFailed(Exception):
     """`alembic upgrade head` failed; nothing of the failed revision was applied."""
 
@@ -110,25 +114,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "loadtest":
         return _loadtest(args, settings)
     try:
-        with _stop_on_signals(), _database(settings) as settings:
+        workers = args.workers if args.command == "serve" else None
+        with _stop_on_signals(), _database(settings, workers=workers) as settings:
             if args.command == "migrate":
                 return 0
             return _serve(settings, host=args.host, port=args.port, workers=args.workers)
     except _Stop:
         return 0
-    except (DatabaseUnavailable, MigrationFailed) as exc:
+    except (DatabaseUnavailable, MigrationFailed, ConnectionBudgetExceeded) as exc:
         print(f"sparc: {exc}", file=sys.stderr)
         return 1
 
 
 @contextlib.contextmanager
-def _database(settings: Settings) -> Iterator[Settings]:
-    """Resolve the database (starting the embedded one if needed), check it, migrate it."""
+def _database(settings: Settings, *, workers: int | None) -> Iterator[Settings]:
+    """Resolve the database (starting the embedded one if needed), check it, migrate it.
+
+    For `serve` (`workers` given) also check that the pools fit in the server's connections."""
     with contextlib.ExitStack() as stack:
         if settings.database_url is None:
             url = stack.enter_context(embedded_postgres(settings.data_dir))
             settings = settings.with_database_url(url)
-        asyncio.run(_check_reachable(settings))
+        asyncio.run(_check_reachable(settings, workers))
         assert settings.database_url is not None
         try:
             upgrade(settings.database_url)
@@ -140,9 +147,20 @@ def _database(settings: Settings) -> Iterator[Settings]:
         yield settings
 
 
-async def _check_reachable(settings: Settings) -> None:
-    async with DatabaseClient(settings):
-        pass
+async def _check_reachable(settings: Settings, workers: int | None) -> None:
+    async with DatabaseClient(settings) as client:
+        if workers is None or not settings.connection_budget_check:
+            return
+        budget = await client.connection_budget()
+        needed = workers * settings.pool_max_size
+        if needed > budget.available:
+            raise ConnectionBudgetExceeded(
+                f"{workers} workers x DB_POOL_MAX_SIZE={settings.pool_max_size} need {needed} "
+                f"connections, but the server has {budget.available} free (max_connections="
+                f"{budget.max_connections} - {budget.reserved} reserved - "
+                f"{budget.held_by_others} held by other clients); lower DB_POOL_MAX_SIZE or "
+                f"--workers, or set DB_CONNECTION_BUDGET_CHECK=false behind PgBouncer"
+            )
 
 
 def _serve(settings: Settings, *, host: str, port: int, workers: int) -> int:

@@ -449,6 +449,19 @@ def bind_db_client(client: DatabaseClient) -> Iterator[DatabaseClient]:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectionBudget:
+    """How many more connections the server can take for us."""
+
+    max_connections: int
+    reserved: int  # superuser_reserved_connections + reserved_connections
+    held_by_others: int  # client connections open now, other than the one asking
+
+    @property
+    def available(self) -> int:
+        return self.max_connections - self.reserved - self.held_by_others
+
+
+@dataclass(frozen=True, slots=True)
 class PoolStats:
     size: int  # open connections
     idle: int
@@ -643,6 +656,20 @@ class DatabaseClient:
         except Exception as exc:
             # asyncpg has already terminated the connection; the pool replaces it on demand.
             logger.warning("a connection could not be reset and was discarded: %s", exc)
+
+    async def connection_budget(self) -> ConnectionBudget:
+        row = await self.fetch_one(
+            """
+            SELECT current_setting('max_connections')::int AS max_connections,
+                   current_setting('superuser_reserved_connections')::int
+                   + coalesce(current_setting('reserved_connections', true)::int, 0) AS reserved,
+                   (SELECT count(*) FROM pg_stat_activity
+                    WHERE backend_type = 'client backend' AND pid <> pg_backend_pid())::int
+                   AS held_by_others
+            """
+        )
+        assert row is not None
+        return ConnectionBudget(row["max_connections"], row["reserved"], row["held_by_others"])
 
     def pool_stats(self) -> PoolStats:
         pool = self._pool()

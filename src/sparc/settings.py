@@ -17,6 +17,8 @@ ALLOWED_URL_SCHEMES = ("postgresql", "postgresql+asyncpg")
 DEFAULT_DATA_DIR = Path(platformdirs.user_data_dir("sparc"))
 DEFAULT_HASH_CONCURRENCY = os.cpu_count() or 1
 _DURATION = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?$")
+_BOOLEANS = {"true": True, "1": True, "yes": True, "on": True}
+_BOOLEANS |= {"false": False, "0": False, "no": False, "off": False}
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
@@ -40,6 +42,9 @@ class Settings:
     pool_max_waiting: int = 0
     # Server-side backstop for a transaction left open by a bug; 0 turns it off.
     idle_in_transaction_timeout: float = 60.0
+    # Refuse to start when workers x DB_POOL_MAX_SIZE cannot fit in the server's free
+    # connections; turn off behind PgBouncer, whose clients are not server connections.
+    connection_budget_check: bool = True
     data_dir: Path = DEFAULT_DATA_DIR
     token_ttl: float = 12 * 3600.0
     token_idle_timeout: float = 30 * 60.0
@@ -130,6 +135,7 @@ def load_settings(
         idle_in_transaction_timeout=reader.seconds(
             "DB_IDLE_IN_TRANSACTION_TIMEOUT", 60.0, allow_zero=True
         ),
+        connection_budget_check=reader.boolean("DB_CONNECTION_BUDGET_CHECK", True),
         data_dir=reader.path("SPARC_DATA_DIR", DEFAULT_DATA_DIR),
         token_ttl=reader.seconds("SPARC_TOKEN_TTL", 12 * 3600.0, allow_zero=False),
         token_idle_timeout=reader.seconds("SPARC_TOKEN_IDLE_TIMEOUT", 1800.0, allow_zero=False),
@@ -187,6 +193,15 @@ class _Reader:
         value = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
         if not math.isfinite(value) or (value == 0 and not allow_zero):
             raise SettingsError(f"{name}={raw!r} must be a duration {bound}")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        value = _BOOLEANS.get(raw.lower())
+        if value is None:
+            raise SettingsError(f"{name}={raw!r} is not a boolean: use true or false")
         return value
 
     def path(self, name: str, default: Path) -> Path:
