@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import anyio
 import asyncpg
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -50,6 +51,18 @@ async def note_bodies(admin: asyncpg.Connection) -> list[str]:
 
 async def insert_note(body: str) -> None:
     await get_db_client().execute("INSERT INTO notes (body) VALUES (:body)", {"body": body})
+
+
+def insert_then_hang(body: str, inserted: anyio.Event) -> Endpoint:
+    """An endpoint that writes a note, says so, then waits until it is cancelled."""
+
+    async def endpoint(request: Request) -> Response:
+        await insert_note(body)
+        inserted.set()
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable: the request is cancelled")
+
+    return endpoint
 
 
 async def sparc_connections(admin: asyncpg.Connection) -> list[asyncpg.Record]:

@@ -27,7 +27,14 @@ from sparc.database import (
 )
 from sparc.settings import Settings
 from tests.conftest import poll_until, serving
-from tests.dbapp import insert_note, note_bodies, post_scope, sparc_connections, tiny_app
+from tests.dbapp import (
+    insert_note,
+    insert_then_hang,
+    note_bodies,
+    post_scope,
+    sparc_connections,
+    tiny_app,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -223,14 +230,7 @@ async def test_rollback_when_request_is_cancelled(
     settings: Settings, notes: str, admin: asyncpg.Connection
 ) -> None:
     inserted = anyio.Event()
-
-    async def slow(request: Request) -> Response:
-        await insert_note("cancelled")
-        inserted.set()
-        await anyio.sleep_forever()
-        raise AssertionError
-
-    app = tiny_app(settings, slow=slow)
+    app = tiny_app(settings, slow=insert_then_hang("cancelled", inserted))
     async with serving(app) as http:
         async with anyio.create_task_group() as group:
             group.start_soon(http.post, "/slow")

@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 from sparc.database import DatabaseClient, QueryError, UniqueViolation, get_db_client
 from sparc.settings import Settings
 from tests.conftest import poll_until, serving
-from tests.dbapp import insert_note, note_bodies, sparc_connections, tiny_app
+from tests.dbapp import insert_note, insert_then_hang, note_bodies, sparc_connections, tiny_app
 
 pytestmark = pytest.mark.anyio
 
@@ -149,14 +149,7 @@ async def test_cleanup_finishes_although_the_task_is_cancelled_twice(
     settings: Settings, notes: str, admin: asyncpg.Connection
 ) -> None:
     inserted = anyio.Event()
-
-    async def stuck(request: Request) -> Response:
-        await insert_note("cancelled")
-        inserted.set()
-        await anyio.sleep_forever()
-        raise AssertionError
-
-    app = tiny_app(settings, stuck=stuck)
+    app = tiny_app(settings, stuck=insert_then_hang("cancelled", inserted))
     async with serving(app) as http:
         task = asyncio.ensure_future(http.post("/stuck"))
         await inserted.wait()

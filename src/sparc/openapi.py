@@ -9,6 +9,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sparc import __version__
+from sparc.audit import EVENT_TYPES
 
 JSON = "application/json"
 PROBLEM = "application/problem+json"
@@ -186,18 +187,7 @@ SCHEMAS: dict[str, Any] = {
         "required": ["id", "type", "ip", "user_agent", "created_at"],
         "properties": {
             "id": {"type": "integer"},
-            "type": {
-                "enum": [
-                    "register",
-                    "login_succeeded",
-                    "login_failed",
-                    "logout",
-                    "logout_all",
-                    "session_revoked",
-                    "password_changed",
-                    "login_throttled",
-                ]
-            },
+            "type": {"enum": list(EVENT_TYPES)},
             "ip": _NULLABLE_STRING,
             "user_agent": _NULLABLE_STRING,
             "created_at": _TIMESTAMP,
