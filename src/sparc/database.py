@@ -14,6 +14,7 @@ import contextlib
 import functools
 import logging
 import math
+import random
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
@@ -448,6 +449,31 @@ def bind_db_client(client: DatabaseClient) -> Iterator[DatabaseClient]:
 # The client
 
 
+class _ReconnectBackoff:
+    """After a failed connection attempt, wait before the next: capped, doubling, jittered."""
+
+    FIRST = 0.1
+    CAP = 5.0
+
+    def __init__(self) -> None:
+        self._failures = 0
+        self._next_attempt = 0.0
+
+    def wait_left(self) -> float:
+        if not self._failures:
+            return 0.0
+        return max(0.0, self._next_attempt - time.monotonic())
+
+    def failed(self) -> None:
+        delay = min(self.CAP, self.FIRST * 2**self._failures)
+        self._failures += 1
+        # Full jitter: several workers (and instances) must not retry in step.
+        self._next_attempt = time.monotonic() + random.uniform(delay / 2, delay)
+
+    def succeeded(self) -> None:
+        self._failures = 0
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectionBudget:
     """How many more connections the server can take for us."""
@@ -494,6 +520,7 @@ class DatabaseClient:
         self._database: databases.Database | None = None
         self._embedded: contextlib.ExitStack | None = None
         self._waiting = 0
+        self._reconnect = _ReconnectBackoff()
         self._cleanups: set[asyncio.Future[Any]] = set()  # units of work still cleaning up
 
     def _build_database(self, url: str) -> databases.Database:
@@ -606,6 +633,14 @@ class DatabaseClient:
 
     async def _acquire(self) -> Any:
         pool = self._pool()
+        wait = self._reconnect.wait_left()
+        if wait and not pool.get_idle_size():
+            # The server refused us moments ago: answer now rather than have every request
+            # hammer it with connection attempts while it is down.
+            raise DatabaseUnavailable(
+                f"PostgreSQL was unreachable moments ago; the next connection attempt is in "
+                f"{wait:.1f} s"
+            )
         limit = self.settings.pool_max_waiting
         if limit and self._waiting >= limit and not pool._queue.qsize():
             # Backpressure: a queue this long would only turn into timeouts; answer now.
@@ -637,9 +672,11 @@ class DatabaseClient:
                 f"(DB_POOL_TIMEOUT): {why}"
             ) from None
         except _CONNECTION_ERRORS as exc:
+            self._reconnect.failed()
             raise DatabaseUnavailable(self._unreachable_message(exc)) from None
         finally:
             self._waiting -= 1
+        self._reconnect.succeeded()
         self.events.acquired(time.perf_counter() - started)
         return connection
 
