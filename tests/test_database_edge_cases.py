@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
+from uuid import uuid4
 
 import anyio
 import asyncpg
@@ -312,3 +314,38 @@ async def test_idle_in_transaction_timeout_is_set_on_pool_connections(
     settings = Settings(database_url=database_url, idle_in_transaction_timeout=seconds)
     async with DatabaseClient(settings) as db:
         assert await db.fetch_val("SHOW idle_in_transaction_session_timeout") == shown
+
+
+async def test_thousands_of_aborted_requests_leak_nothing(
+    settings: Settings, notes: str, admin: asyncpg.Connection
+) -> None:
+    # Each request writes in a transaction across several round trips and is cancelled at a
+    # random point: while acquiring, mid-statement, between statements, or while committing.
+    async def busy(request: Request) -> Response:
+        db = get_db_client()
+        new_id = await db.execute(
+            "INSERT INTO notes (body) VALUES (:b) RETURNING id", {"b": uuid4().hex}
+        )
+        await db.fetch_val("SELECT pg_sleep(0.001)")
+        await db.execute("UPDATE notes SET body = body || '!' WHERE id = :id", {"id": new_id})
+        return JSONResponse({})
+
+    app = tiny_app(settings, busy=busy)
+    completed = 0
+    async with serving(app) as http:
+
+        async def one(delay: float) -> None:
+            nonlocal completed
+            with anyio.move_on_after(delay):
+                await http.post("/busy")
+                completed += 1
+
+        for _ in range(40):
+            async with anyio.create_task_group() as group:
+                for n in range(50):
+                    group.start_soon(one, random.uniform(0, 0.01) * (1 + n % 3))
+        await assert_pool_clean(app.state.client, admin)
+    kept = await admin.fetchval("SELECT count(*) FROM notes")
+    unfinished = await admin.fetchval("SELECT count(*) FROM notes WHERE body NOT LIKE '%!'")
+    assert unfinished == 0  # no half-written request was committed
+    assert kept >= completed  # every request that answered had its writes kept
