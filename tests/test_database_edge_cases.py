@@ -330,7 +330,9 @@ async def test_thousands_of_aborted_requests_leak_nothing(
         await db.execute("UPDATE notes SET body = body || '!' WHERE id = :id", {"id": new_id})
         return JSONResponse({})
 
-    app = tiny_app(settings, busy=busy)
+    # A full pool from the start: the storm exercises cleanup, not connection opening.
+    full = Settings(database_url=settings.database_url, pool_min_size=5, pool_max_size=5)
+    app = tiny_app(full, busy=busy)
     completed = 0
     async with serving(app) as http:
 

@@ -1,4 +1,4 @@
-"""The `sparc` command: `sparc serve` and `sparc migrate`."""
+"""The `sparc` command: `sparc serve`, `sparc migrate` and `sparc loadtest`."""
 
 from __future__ import annotations
 

@@ -233,6 +233,7 @@ class _UnitOfWork:
         "_begin",
         "_broken",
         "_connection",
+        "_doomed",
         "_in_transaction",
         "_lock",
         "_savepoints",
@@ -255,6 +256,7 @@ class _UnitOfWork:
         self._in_transaction = False
         self._lock = asyncio.Lock()
         self._broken = False
+        self._doomed = False  # interrupted mid-BEGIN: may neither run statements nor commit
         self._abandoned = False
         self._savepoints = 0
 
@@ -266,7 +268,7 @@ class _UnitOfWork:
         async with self._lock:
             if self.ended:
                 raise _UnitEnded
-            if self._broken:
+            if self._broken or self._doomed:
                 # Never run further statements where the transaction's state is unknown: they
                 # might run in autocommit.
                 raise DatabaseUnavailable("this request's database connection broke")
@@ -294,8 +296,13 @@ class _UnitOfWork:
     async def _begin_transaction(self, connection: Any) -> None:
         try:
             await connection.execute(self._begin)
+        except asyncio.CancelledError:
+            # BEGIN may or may not have run. No further statement may run in this unit (it could
+            # land in autocommit) and it cannot commit; the cleanup's ROLLBACK closes whatever
+            # is open, so the connection itself stays usable.
+            self._doomed = self._in_transaction = True
+            raise
         except BaseException:
-            # Interrupted or refused: we cannot know whether a transaction is open.
             self._broken = True
             raise
         self._in_transaction = True
@@ -323,15 +330,17 @@ class _UnitOfWork:
                 await self.client._release(connection, broken=False)
 
     async def _commit(self) -> None:
-        if self._broken:
-            raise DatabaseUnavailable("lost the connection to PostgreSQL before commit")
+        if self._broken or self._doomed:
+            raise DatabaseUnavailable("the transaction was interrupted before commit")
         self._in_transaction = False  # COMMIT ends the transaction whatever it answers
         committed = False
         try:
             status = await self._connection.execute("COMMIT")
             committed = status == "COMMIT"
         except asyncio.CancelledError:
-            self._broken = True  # the commit's outcome is unknown; never reuse this session
+            # The outcome is unknown to a request that is going away anyway. The cleanup's
+            # ROLLBACK (harmless if COMMIT got through) leaves the connection clean.
+            self._in_transaction = True
             raise
         except Exception as exc:
             if _breaks_connection(exc) or _is_closed(self._connection):
