@@ -10,7 +10,7 @@ import asyncpg
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sparc.database import APPLICATION_NAME, DatabaseClient, DatabaseMiddleware, get_db_client
@@ -63,6 +63,32 @@ def insert_then_hang(body: str, inserted: anyio.Event) -> Endpoint:
         raise AssertionError("unreachable: the request is cancelled")
 
     return endpoint
+
+
+def hold_connection(holding: anyio.Event, release: anyio.Event) -> Endpoint:
+    """An endpoint that takes a pooled connection and keeps it until `release` is set."""
+
+    async def endpoint(request: Request) -> Response:
+        await get_db_client().fetch_val("SELECT 1")
+        holding.set()
+        await release.wait()
+        return JSONResponse({})
+
+    return endpoint
+
+
+async def query_once(request: Request) -> Response:
+    """An endpoint that needs one pooled connection for one statement."""
+    await get_db_client().fetch_val("SELECT 1")
+    return JSONResponse({})
+
+
+def assert_all_or_nothing(status: int, kept: list[str], expected: list[str]) -> None:
+    """A 200 kept exactly the endpoint's writes; anything else is a 5xx that kept none."""
+    if status == 200:
+        assert kept == expected
+    else:
+        assert status >= 500 and kept == []
 
 
 async def sparc_connections(admin: asyncpg.Connection) -> list[asyncpg.Record]:

@@ -28,10 +28,12 @@ from sparc.database import (
 from sparc.settings import Settings
 from tests.conftest import poll_until, serving
 from tests.dbapp import (
+    hold_connection,
     insert_note,
     insert_then_hang,
     note_bodies,
     post_scope,
+    query_once,
     sparc_connections,
     tiny_app,
 )
@@ -341,17 +343,7 @@ async def test_acquire_timeout_answers_503_quickly(database_url: str) -> None:
     holding = anyio.Event()
     release = anyio.Event()
 
-    async def hold(request: Request) -> Response:
-        await get_db_client().fetch_val("SELECT 1")
-        holding.set()
-        await release.wait()
-        return JSONResponse({})
-
-    async def query(request: Request) -> Response:
-        await get_db_client().fetch_val("SELECT 1")
-        return JSONResponse({})
-
-    app = tiny_app(settings, hold=hold, query=query)
+    app = tiny_app(settings, hold=hold_connection(holding, release), query=query_once)
     async with serving(app) as http, anyio.create_task_group() as group:
         first: list[httpx.Response] = []
         group.start_soon(lambda: _append(first, http.get("/hold")))

@@ -24,7 +24,16 @@ from starlette.responses import JSONResponse, Response
 from sparc.database import DatabaseClient, QueryError, UniqueViolation, get_db_client
 from sparc.settings import Settings
 from tests.conftest import poll_until, serving
-from tests.dbapp import insert_note, insert_then_hang, note_bodies, sparc_connections, tiny_app
+from tests.dbapp import (
+    assert_all_or_nothing,
+    hold_connection,
+    insert_note,
+    insert_then_hang,
+    note_bodies,
+    query_once,
+    sparc_connections,
+    tiny_app,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -86,11 +95,7 @@ async def test_a_statement_cancelled_by_the_endpoint_never_hides_a_lost_write(
     async with serving(app, raise_app_exceptions=False) as http:
         response = await http.post("/impatient")
         await assert_pool_clean(app.state.client, admin)
-    kept = await note_bodies(admin)
-    if response.status_code == 200:
-        assert kept == ["after"]
-    else:
-        assert response.status_code >= 500 and kept == []
+    assert_all_or_nothing(response.status_code, await note_bodies(admin), ["after"])
 
 
 async def test_a_cancelled_savepoint_block_never_hides_a_lost_write(
@@ -109,11 +114,7 @@ async def test_a_cancelled_savepoint_block_never_hides_a_lost_write(
     async with serving(app, raise_app_exceptions=False) as http:
         response = await http.post("/nested")
         await assert_pool_clean(app.state.client, admin)
-    kept = await note_bodies(admin)
-    if response.status_code == 200:
-        assert kept == ["outer"]
-    else:
-        assert response.status_code >= 500 and kept == []
+    assert_all_or_nothing(response.status_code, await note_bodies(admin), ["outer"])
 
 
 async def test_a_child_still_acquiring_when_the_request_fails_leaks_nothing(
@@ -122,12 +123,6 @@ async def test_a_child_still_acquiring_when_the_request_fails_leaks_nothing(
     settings = Settings(database_url=database_url, pool_min_size=0, pool_max_size=1, pool_timeout=5)
     holding, release = anyio.Event(), anyio.Event()
 
-    async def hold(request: Request) -> Response:
-        await get_db_client().fetch_val("SELECT 1")
-        holding.set()
-        await release.wait()
-        return JSONResponse({})
-
     async def fail_fast(request: Request) -> Response:
         async def fail() -> None:
             raise LookupError("fails while the sibling waits for the pool")
@@ -135,7 +130,7 @@ async def test_a_child_still_acquiring_when_the_request_fails_leaks_nothing(
         await asyncio.gather(insert_note("never"), fail())
         return JSONResponse({})
 
-    app = tiny_app(settings, hold=hold, fail_fast=fail_fast)
+    app = tiny_app(settings, hold=hold_connection(holding, release), fail_fast=fail_fast)
     async with serving(app) as http, anyio.create_task_group() as group:
         group.start_soon(http.get, "/hold")
         await holding.wait()
@@ -249,17 +244,7 @@ async def test_a_full_wait_queue_answers_503_at_once(database_url: str) -> None:
     )
     holding, release = anyio.Event(), anyio.Event()
 
-    async def hold(request: Request) -> Response:
-        await get_db_client().fetch_val("SELECT 1")
-        holding.set()
-        await release.wait()
-        return JSONResponse({})
-
-    async def query(request: Request) -> Response:
-        await get_db_client().fetch_val("SELECT 1")
-        return JSONResponse({})
-
-    app = tiny_app(settings, hold=hold, query=query)
+    app = tiny_app(settings, hold=hold_connection(holding, release), query=query_once)
     results: dict[str, httpx.Response] = {}
 
     async def call(name: str, path: str) -> None:

@@ -333,24 +333,24 @@ class _UnitOfWork:
         if self._broken or self._doomed:
             raise DatabaseUnavailable("the transaction was interrupted before commit")
         self._in_transaction = False  # COMMIT ends the transaction whatever it answers
-        committed = False
         try:
             status = await self._connection.execute("COMMIT")
-            committed = status == "COMMIT"
         except asyncio.CancelledError:
             # The outcome is unknown to a request that is going away anyway. The cleanup's
-            # ROLLBACK (harmless if COMMIT got through) leaves the connection clean.
+            # ROLLBACK (harmless if COMMIT got through) leaves the connection clean, and
+            # counts the transaction as rolled back.
             self._in_transaction = True
             raise
         except Exception as exc:
+            self.client.events.transaction_finished(committed=False)
             if _breaks_connection(exc) or _is_closed(self._connection):
                 self._broken = True
                 raise DatabaseUnavailable(
                     f"lost the connection to PostgreSQL during commit: {exc}"
                 ) from None
             raise CommitFailed(f"the transaction could not be committed: {exc}") from None
-        finally:
-            self.client.events.transaction_finished(committed=committed)
+        committed = status == "COMMIT"
+        self.client.events.transaction_finished(committed=committed)
         if not committed:
             raise CommitFailed(
                 "an earlier statement of the transaction failed or was cancelled, "
@@ -380,16 +380,16 @@ class _UnitOfWork:
             return
         if self._in_transaction:
             self.client.events.transaction_finished(committed=False)
-        if self._in_transaction and not self._broken:
-            with anyio.move_on_after(self.client.settings.connect_timeout) as waiting:
-                try:
-                    await connection.execute("ROLLBACK")
-                except Exception as exc:
-                    logger.warning("rollback failed (%s); discarding the connection", exc)
+            if not self._broken:
+                with anyio.move_on_after(self.client.settings.connect_timeout) as waiting:
+                    try:
+                        await connection.execute("ROLLBACK")
+                    except Exception as exc:
+                        logger.warning("rollback failed (%s); discarding the connection", exc)
+                        self._broken = True
+                if waiting.cancelled_caught:
+                    logger.warning("rollback did not finish in time; discarding the connection")
                     self._broken = True
-            if waiting.cancelled_caught:
-                logger.warning("rollback did not finish in time; discarding the connection")
-                self._broken = True
         self._in_transaction = False
         await self.client._release(connection, broken=self._broken)
 
@@ -612,10 +612,6 @@ class DatabaseClient:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.disconnect()
-
-    @property
-    def is_connected(self) -> bool:
-        return self._database is not None
 
     def _unreachable_message(self, exc: BaseException) -> str:
         url = urlsplit(self.settings.database_url or "")
