@@ -2,9 +2,10 @@
 
 import asyncio
 import contextlib
+import uuid
 
 from alembic import context
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from sparc.embedded import embedded_postgres
@@ -19,7 +20,19 @@ def run_on(connection: Connection) -> None:
 
 
 async def run_async(url: str, connect_timeout: float) -> None:
-    engine = create_async_engine(sqlalchemy_url(url), connect_args={"timeout": connect_timeout})
+    # Behind PgBouncer (transaction mode) a server connection outlives our client connection:
+    # prepared statements must have unique names and not be reused across transactions.
+    engine_url = make_url(sqlalchemy_url(url)).update_query_dict(
+        {"prepared_statement_cache_size": "0"}
+    )
+    engine = create_async_engine(
+        engine_url,
+        connect_args={
+            "timeout": connect_timeout,
+            "statement_cache_size": 0,
+            "prepared_statement_name_func": lambda: f"__sparc_migration_{uuid.uuid4().hex}__",
+        },
+    )
     try:
         async with engine.connect() as connection:
             await connection.run_sync(run_on)

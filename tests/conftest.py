@@ -7,7 +7,7 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -161,6 +161,17 @@ async def poll_until(
     """Re-check `check` every `every` seconds until it holds; fail after `within` seconds."""
     deadline = time.monotonic() + within
     while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not true after {within} s: {check}")
+        await anyio.sleep(every)
+
+
+async def poll_until_async(
+    check: Callable[[], Awaitable[bool]], *, within: float = 10.0, every: float = 0.02
+) -> None:
+    """poll_until for a check that must await (e.g. a query)."""
+    deadline = time.monotonic() + within
+    while not await check():
         if time.monotonic() > deadline:
             raise AssertionError(f"still not true after {within} s: {check}")
         await anyio.sleep(every)

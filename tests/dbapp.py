@@ -13,15 +13,23 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sparc.database import APPLICATION_NAME, DatabaseClient, DatabaseMiddleware, get_db_client
+from sparc.database import (
+    APPLICATION_NAME,
+    DatabaseClient,
+    DatabaseMiddleware,
+    PoolEvents,
+    get_db_client,
+)
 from sparc.settings import Settings
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-def tiny_app(settings: Settings, **endpoints: Endpoint) -> Starlette:
+def tiny_app(
+    settings: Settings, *, events: PoolEvents | None = None, **endpoints: Endpoint
+) -> Starlette:
     """An app with only the database middleware and the given endpoints at /<name>."""
-    client = DatabaseClient(settings)
+    client = DatabaseClient(settings, events=events)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -29,7 +37,8 @@ def tiny_app(settings: Settings, **endpoints: Endpoint) -> Starlette:
             yield
 
     routes = [
-        Route(f"/{name}", endpoint, methods=["GET", "POST"]) for name, endpoint in endpoints.items()
+        Route(f"/{name}", endpoint, methods=["GET", "POST", "PUT"])
+        for name, endpoint in endpoints.items()
     ]
     app = Starlette(
         routes=routes,

@@ -75,3 +75,17 @@ def start_serve(env: dict[str, str], *args: str, cwd: Path) -> tuple[subprocess.
         text=True,
     )
     return process, f"http://127.0.0.1:{port}"
+
+
+def run_sparc(
+    *args: str, env: dict[str, str], cwd: Path | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run a `sparc` command to its end; its exit code and output."""
+    return subprocess.run(
+        [sys.executable, "-m", "sparc", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -169,6 +169,7 @@ def _tables(url: str) -> set[str]:
     return anyio.run(names)
 
 
+@pytest.mark.faults
 def test_serve_refuses_pools_that_cannot_fit_in_max_connections(
     cli_database: str, tmp_path: Path
 ) -> None:
@@ -189,6 +190,7 @@ def test_serve_refuses_pools_that_cannot_fit_in_max_connections(
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.faults
 def test_the_budget_check_can_be_turned_off(cli_database: str, tmp_path: Path) -> None:
     env = sparc_env(
         DATABASE_URL=cli_database, DB_POOL_MAX_SIZE="60", DB_CONNECTION_BUDGET_CHECK="false"

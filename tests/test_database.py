@@ -181,6 +181,7 @@ def test_keep_writes_outside_a_unit_of_work_is_an_error() -> None:
         DatabaseClient(Settings()).keep_writes()
 
 
+@pytest.mark.faults
 async def test_rollback_when_client_went_away(
     settings: Settings, notes: str, admin: asyncpg.Connection
 ) -> None:
@@ -228,6 +229,7 @@ async def test_endpoint_still_reads_its_body_after_the_disconnect_check(
     assert await note_bodies(admin) == ["committed first", "payload"]
 
 
+@pytest.mark.faults
 async def test_rollback_when_request_is_cancelled(
     settings: Settings, notes: str, admin: asyncpg.Connection
 ) -> None:
@@ -336,6 +338,7 @@ async def test_queries_after_the_response_started_run_in_autocommit(
 # -- the pool's bounds ------------------------------------------------------------------------
 
 
+@pytest.mark.faults
 async def test_acquire_timeout_answers_503_quickly(database_url: str) -> None:
     settings = Settings(
         database_url=database_url, pool_min_size=0, pool_max_size=1, pool_timeout=0.3
@@ -393,6 +396,7 @@ async def test_twenty_times_overload_never_exceeds_the_pool_bound(
     assert 1 <= peak <= max_size
 
 
+@pytest.mark.faults
 async def test_broken_connection_is_discarded_not_reused(
     settings: Settings, admin: asyncpg.Connection
 ) -> None:
@@ -566,6 +570,7 @@ async def test_statement_cache_can_be_turned_off(database_url: str) -> None:
         assert await db.fetch_val("SELECT count(*) FROM pg_prepared_statements") == 0
 
 
+@pytest.mark.faults
 async def test_connect_timeout_bounds_a_server_that_never_answers() -> None:
     # A listening socket that completes the TCP handshake but never speaks PostgreSQL.
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1")

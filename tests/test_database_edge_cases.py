@@ -142,6 +142,7 @@ async def test_a_child_still_acquiring_when_the_request_fails_leaks_nothing(
     assert await note_bodies(admin) == []
 
 
+@pytest.mark.faults
 async def test_cleanup_finishes_although_the_task_is_cancelled_twice(
     settings: Settings, notes: str, admin: asyncpg.Connection
 ) -> None:
@@ -234,6 +235,7 @@ async def test_execute_many_refuses_core_value_sets_with_different_keys(
             await db.execute("INSERT INTO notes (nope) VALUES (1)")
 
 
+@pytest.mark.faults
 async def test_a_full_wait_queue_answers_503_at_once(database_url: str) -> None:
     settings = Settings(
         database_url=database_url,
@@ -265,6 +267,7 @@ async def test_a_full_wait_queue_answers_503_at_once(database_url: str) -> None:
     assert results["queued"].status_code == 200
 
 
+@pytest.mark.faults
 async def test_a_runaway_statement_answers_503_and_leaves_the_connection_healthy(
     database_url: str, admin: asyncpg.Connection
 ) -> None:
@@ -292,6 +295,7 @@ async def test_a_runaway_statement_answers_503_and_leaves_the_connection_healthy
     assert after == before  # the same connection served on: nothing was discarded
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize(("seconds", "shown"), [(60.0, "1min"), (0.0, "0")])
 async def test_idle_in_transaction_timeout_is_set_on_pool_connections(
     database_url: str, seconds: float, shown: str
@@ -301,6 +305,7 @@ async def test_idle_in_transaction_timeout_is_set_on_pool_connections(
         assert await db.fetch_val("SHOW idle_in_transaction_session_timeout") == shown
 
 
+@pytest.mark.faults
 async def test_thousands_of_aborted_requests_leak_nothing(
     settings: Settings, notes: str, admin: asyncpg.Connection
 ) -> None:

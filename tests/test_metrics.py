@@ -28,6 +28,7 @@ EXPECTED = {
     "sparc_db_connections_closed",
     "sparc_db_connections_discarded",
     "sparc_db_transactions",
+    "sparc_db_transaction_retries",
     "sparc_http_requests",
     "sparc_http_request_duration_seconds",
 }

@@ -23,6 +23,8 @@ def test_defaults() -> None:
     assert settings.statement_cache_size == 100
     assert (settings.pool_max_waiting, settings.idle_in_transaction_timeout) == (0, 60.0)
     assert settings.connection_budget_check is True
+    assert settings.pgbouncer is False
+    assert (settings.retry_attempts, settings.shutdown_grace) == (3, 25.0)
     assert settings.data_dir == DEFAULT_DATA_DIR
     assert (settings.token_ttl, settings.token_idle_timeout) == (43200.0, 1800.0)
     assert (settings.login_max_failures, settings.login_window) == (5, 900.0)
@@ -45,6 +47,9 @@ def test_every_variable_is_read() -> None:
             "DB_POOL_MAX_WAITING": "50",
             "DB_IDLE_IN_TRANSACTION_TIMEOUT": "2m",
             "DB_CONNECTION_BUDGET_CHECK": "off",
+            "DB_PGBOUNCER": "yes",
+            "DB_RETRY_ATTEMPTS": "5",
+            "SPARC_SHUTDOWN_GRACE": "10s",
             "SPARC_DATA_DIR": "/srv/sparc",
             "SPARC_TOKEN_TTL": "1h",
             "SPARC_TOKEN_IDLE_TIMEOUT": "10m",
@@ -69,6 +74,9 @@ def test_every_variable_is_read() -> None:
         pool_max_waiting=50,
         idle_in_transaction_timeout=120.0,
         connection_budget_check=False,
+        pgbouncer=True,
+        retry_attempts=5,
+        shutdown_grace=10.0,
         data_dir=Path("/srv/sparc"),
         token_ttl=3600.0,
         token_idle_timeout=600.0,
@@ -105,6 +113,9 @@ def test_every_variable_is_read() -> None:
         ("DB_POOL_MAX_WAITING", "-1", "at least 0"),
         ("DB_IDLE_IN_TRANSACTION_TIMEOUT", "soon", "not a duration"),
         ("DB_CONNECTION_BUDGET_CHECK", "maybe", "not a boolean"),
+        ("DB_PGBOUNCER", "transaction", "not a boolean"),
+        ("DB_RETRY_ATTEMPTS", "-1", "at least 0"),
+        ("SPARC_SHUTDOWN_GRACE", "a while", "not a duration"),
         ("SPARC_TOKEN_TTL", "0", "more than 0"),
         ("SPARC_TOKEN_IDLE_TIMEOUT", "forever", "not a duration"),
         ("SPARC_LOGIN_MAX_FAILURES", "0", "at least 1"),
@@ -145,6 +156,19 @@ def test_durations_take_units(text: str, seconds: float) -> None:
 def test_argon2_memory_must_cover_every_lane() -> None:
     with pytest.raises(SettingsError, match="SPARC_ARGON2_MEMORY_KIB=16 is below"):
         load_settings({"SPARC_ARGON2_MEMORY_KIB": "16", "SPARC_ARGON2_PARALLELISM": "4"})
+
+
+def test_behind_pgbouncer_the_statement_cache_and_budget_check_default_to_off() -> None:
+    settings = load_settings({"DB_PGBOUNCER": "true"})
+    assert settings.pgbouncer is True
+    assert settings.statement_cache_size == 0
+    assert settings.connection_budget_check is False
+
+
+def test_a_statement_cache_behind_pgbouncer_is_refused() -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"DB_PGBOUNCER": "true", "DB_STATEMENT_CACHE_SIZE": "100"})
+    assert str(caught.value).startswith("DB_STATEMENT_CACHE_SIZE=100 must be 0 with DB_PGBOUNCER")
 
 
 def test_min_above_max_is_refused() -> None:

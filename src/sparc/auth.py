@@ -10,7 +10,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sparc import audit
-from sparc.database import get_db_client
+from sparc.database import get_db_client, retry_on_conflict
 from sparc.identity import BEARER_CHALLENGE, current_user
 from sparc.payloads import FieldErrors, read_json_object
 from sparc.problems import Problem
@@ -66,6 +66,7 @@ def _throttled(retry_after: int) -> Problem:
     )
 
 
+@retry_on_conflict
 async def register(request: Request) -> Response:
     body = await read_json_object(request)
     errors = FieldErrors()
@@ -89,6 +90,7 @@ async def register(request: Request) -> Response:
     return JSONResponse({"id": str(row["id"]), "email": row["email"]}, status_code=201)
 
 
+@retry_on_conflict
 async def login(request: Request) -> Response:
     body = await read_json_object(request)
     errors = FieldErrors()
@@ -163,6 +165,7 @@ async def me(request: Request) -> Response:
     )
 
 
+@retry_on_conflict
 async def logout(request: Request) -> Response:
     user = current_user(request)
     await get_db_client().execute("DELETE FROM sessions WHERE id = :id", {"id": user.session_id})
@@ -170,6 +173,7 @@ async def logout(request: Request) -> Response:
     return Response(status_code=204)
 
 
+@retry_on_conflict
 async def change_password(request: Request) -> Response:
     """Set a new password; every other session of the user ends, this one stays."""
     user = current_user(request)
@@ -207,6 +211,8 @@ async def change_password(request: Request) -> Response:
     return Response(status_code=204)
 
 
+# The POST endpoints are marked retry_on_conflict: all they change is in their transaction, so a
+# run that lost a race to another transaction can safely run again.
 routes = [
     Route("/auth/register", register, methods=["POST"]),
     Route("/auth/login", login, methods=["POST"]),

@@ -12,6 +12,7 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from types import FrameType
+from typing import cast
 
 from sparc.database import DatabaseClient, DatabaseUnavailable
 from sparc.embedded import embedded_postgres
@@ -183,6 +184,10 @@ def _serve(settings: Settings, *, host: str, port: int, workers: int) -> int:
             workers=workers,
             lifespan="on",
             proxy_headers=False,
+            # On SIGTERM: stop accepting, let in-flight requests finish for this long, then
+            # cancel them (their transactions roll back) and close the pool. uvicorn types it
+            # int, but any number of seconds works.
+            timeout_graceful_shutdown=cast(int, settings.shutdown_grace),
         )
     return 0
 

@@ -66,6 +66,7 @@ class PoolEvents:
     def connection_closed(self) -> None: ...
     def connection_discarded(self) -> None: ...
     def transaction_finished(self, *, committed: bool) -> None: ...
+    def transaction_retried(self) -> None: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,6 +113,20 @@ class UniqueViolation(QueryError):
     """A statement broke a unique constraint (SQLSTATE 23505)."""
 
 
+class TransactionConflict(DatabaseUnavailable, QueryError):
+    """The transaction lost a race with another (serialization_failure, deadlock_detected).
+
+    Nothing of it was kept; run again, it will most likely succeed. DatabaseMiddleware replays
+    such a request itself where that is safe (see `retry_on_conflict`), else answers 503.
+    """
+
+    retry_after = 1
+
+
+# serialization_failure, deadlock_detected
+_CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})
+
+
 class CommitFailed(Exception):
     """The request's transaction could not be committed: none of its writes were kept."""
 
@@ -154,7 +169,12 @@ def _translate(exc: BaseException) -> BaseException:
     if isinstance(exc, _CONNECTION_ERRORS):
         return DatabaseUnavailable(f"lost the connection to PostgreSQL: {exc}")
     if isinstance(exc, asyncpg.PostgresError):
-        error = UniqueViolation if isinstance(exc, asyncpg.UniqueViolationError) else QueryError
+        sqlstate = getattr(exc, "sqlstate", None)
+        error: type[QueryError] = QueryError
+        if sqlstate in _CONFLICT_SQLSTATES:
+            error = TransactionConflict
+        elif isinstance(exc, asyncpg.UniqueViolationError):
+            error = UniqueViolation
         return error(
             str(exc),
             sqlstate=getattr(exc, "sqlstate", None),
@@ -238,6 +258,7 @@ class _UnitOfWork:
         "_lock",
         "_savepoints",
         "client",
+        "conflicted",
         "ended",
         "keep_writes",
     )
@@ -246,12 +267,9 @@ class _UnitOfWork:
         self.client = client
         self.keep_writes = False
         self.ended = False
-        self._begin = "BEGIN"
-        if isolation is not None:
-            level = _ISOLATION_LEVELS.get(isolation.lower().replace(" ", "_"))
-            if level is None:
-                raise ValueError(f"unknown isolation level {isolation!r}")
-            self._begin = f"BEGIN ISOLATION LEVEL {level}"
+        # A statement lost a race (TransactionConflict), even if the endpoint caught that.
+        self.conflicted = False
+        self._begin = client._plain_begin if isolation is None else client._begin_sql(isolation)
         self._connection: Any = None
         self._in_transaction = False
         self._lock = asyncio.Lock()
@@ -263,6 +281,11 @@ class _UnitOfWork:
     @property
     def in_transaction(self) -> bool:
         return self._in_transaction
+
+    def set_isolation(self, isolation: str) -> None:
+        if self._in_transaction or self.ended:
+            raise RuntimeError("set_isolation() must come before the transaction's first statement")
+        self._begin = self.client._begin_sql(isolation)
 
     async def run(self, operation: Callable[[Any], Awaitable[T]], *, transactional: bool) -> T:
         async with self._lock:
@@ -286,6 +309,8 @@ class _UnitOfWork:
                     if _breaks_connection(exc) or _is_closed(connection):
                         self._broken = True
                     translated = _translate(exc)
+                    if isinstance(translated, TransactionConflict):
+                        self.conflicted = True
                     if translated is exc:
                         raise
                     raise translated from None
@@ -348,9 +373,24 @@ class _UnitOfWork:
                 raise DatabaseUnavailable(
                     f"lost the connection to PostgreSQL during commit: {exc}"
                 ) from None
+            sqlstate = getattr(exc, "sqlstate", None)
+            if sqlstate in _CONFLICT_SQLSTATES:
+                # SERIALIZABLE transactions may find out only at COMMIT that they lost.
+                raise TransactionConflict(
+                    f"the transaction could not be committed: {exc}",
+                    sqlstate=sqlstate,
+                    constraint=None,
+                ) from None
             raise CommitFailed(f"the transaction could not be committed: {exc}") from None
         committed = status == "COMMIT"
         self.client.events.transaction_finished(committed=committed)
+        if not committed and self.conflicted:
+            raise TransactionConflict(
+                "an earlier statement of the transaction lost a race with another transaction, "
+                "so PostgreSQL rolled it back",
+                sqlstate=None,
+                constraint=None,
+            )
         if not committed:
             raise CommitFailed(
                 "an earlier statement of the transaction failed or was cancelled, "
@@ -531,15 +571,14 @@ class DatabaseClient:
         self._waiting = 0
         self._reconnect = _ReconnectBackoff()
         self._cleanups: set[asyncio.Future[Any]] = set()  # units of work still cleaning up
+        self._plain_begin = self._begin_sql(None)
 
     def _build_database(self, url: str) -> databases.Database:
+        # PgBouncer passes application_name on to the server but refuses other startup
+        # settings; behind it the timeouts are set per transaction instead (see _begin_sql).
         server_settings = {"application_name": self.application_name}
-        for name, seconds in (
-            ("statement_timeout", self.settings.statement_timeout),
-            ("idle_in_transaction_session_timeout", self.settings.idle_in_transaction_timeout),
-        ):
-            if seconds:
-                server_settings[name] = str(math.ceil(seconds * 1000))  # milliseconds
+        if not self.settings.pgbouncer:
+            server_settings.update(self._timeouts())
         dsn = url.replace("postgresql+asyncpg://", "postgresql://", 1)
         return databases.Database(
             dsn,
@@ -554,6 +593,29 @@ class DatabaseClient:
             server_settings=server_settings,
             init=self._connection_opened,
         )
+
+    def _timeouts(self) -> dict[str, str]:
+        timeouts = {}
+        for name, seconds in (
+            ("statement_timeout", self.settings.statement_timeout),
+            ("idle_in_transaction_session_timeout", self.settings.idle_in_transaction_timeout),
+        ):
+            if seconds:
+                timeouts[name] = str(math.ceil(seconds * 1000))  # milliseconds
+        return timeouts
+
+    def _begin_sql(self, isolation: str | None) -> str:
+        sql = "BEGIN"
+        if isolation is not None:
+            level = _ISOLATION_LEVELS.get(isolation.lower().replace(" ", "_"))
+            if level is None:
+                raise ValueError(f"unknown isolation level {isolation!r}")
+            sql += f" ISOLATION LEVEL {level}"
+        if self.settings.pgbouncer:
+            # Sent with BEGIN as one simple query: no extra round trip, and the settings last
+            # exactly as long as the transaction, on whichever server connection runs it.
+            sql += "".join(f"; SET LOCAL {name} = {ms}" for name, ms in self._timeouts().items())
+        return sql
 
     async def _connection_opened(self, connection: Any) -> None:
         self.events.connection_opened()
@@ -598,8 +660,15 @@ class DatabaseClient:
         database, self._database = self._database, None
         try:
             if database is not None and database.is_connected:
-                await database.disconnect()
-                logger.info("database pool closed")
+                pool = database._backend._pool
+                # asyncpg's close() waits for every connection to come back, however long.
+                with anyio.move_on_after(self.settings.connect_timeout) as closing:
+                    await database.disconnect()
+                if closing.cancelled_caught:
+                    logger.warning("connections were still busy at shutdown; cutting them")
+                    pool.terminate()
+                else:
+                    logger.info("database pool closed")
         finally:
             embedded, self._embedded = self._embedded, None
             if embedded is not None:
@@ -831,6 +900,20 @@ class DatabaseClient:
             Row | None, await self._run(lambda c: c.fetchrow(sql, *args), transactional=False)
         )
 
+    def set_isolation(self, isolation: str) -> None:
+        """Run this request's transaction at `isolation`: "serializable", "repeatable_read" or
+        "read_committed". Call it before the request's first statement.
+
+        Under "serializable", a request that loses a race is replayed (see retry_on_conflict).
+        """
+        unit = self._unit()
+        if unit is None:
+            raise RuntimeError(
+                "set_isolation() only applies inside a request; elsewhere use "
+                "transaction(isolation=...)"
+            )
+        unit.set_isolation(isolation)
+
     def keep_writes(self) -> None:
         """Commit this request's writes even though it answers 4xx (e.g. a failed-login count).
 
@@ -873,13 +956,32 @@ class DatabaseClient:
 # The middleware
 
 
+_IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+_RETRY_MARK = "__sparc_retry_on_conflict__"
+E = TypeVar("E", bound=Callable[..., Any])
+
+
+def retry_on_conflict(endpoint: E) -> E:
+    """Let DatabaseMiddleware replay this endpoint's requests whatever their method.
+
+    Requests with an idempotent method (GET, HEAD, OPTIONS, PUT, DELETE) are replayed after a
+    TransactionConflict anyway; mark a POST or PATCH endpoint with this when everything it does
+    happens in its transaction (nothing sent elsewhere), so running it again is safe.
+    """
+    setattr(endpoint, _RETRY_MARK, True)
+    return endpoint
+
+
 class DatabaseMiddleware:
     """Binds the app's DatabaseClient and a fresh unit of work to each HTTP request.
 
     The request's transaction ends just before the response status line goes out: it commits
     when the status is below 400 (or below 500 after keep_writes()) and the client is still
     there; otherwise it rolls back. If the commit fails, the client gets a 5xx problem instead of
-    the endpoint's answer.
+    the endpoint's answer. A request whose transaction lost a race with another
+    (TransactionConflict) is run again, up to DB_RETRY_ATTEMPTS times, when that is safe: nothing
+    was sent yet, its body was read in full or not at all, and its method is idempotent or its
+    endpoint is marked with `retry_on_conflict`.
     """
 
     def __init__(self, app: ASGIApp, client: DatabaseClient) -> None:
@@ -892,10 +994,31 @@ class DatabaseMiddleware:
                 await self.app(scope, receive, send)
             return
 
-        unit = _UnitOfWork(self.client)
         client_token = _current_client.set(self.client)
+        retries_left = self.client.settings.retry_attempts
+        request = _RequestMessages(receive, replayable=retries_left > 0)
+        # Each run gets the scope as it arrived: the app adds to it (route, user, state).
+        original = {**scope, "state": dict(scope.get("state", {}))} if retries_left else scope
+        try:
+            while True:
+                try:
+                    await self._run_once(scope, request, send, may_retry=retries_left > 0)
+                    return
+                except _Replay:
+                    retries_left -= 1
+                    self.client.events.transaction_retried()
+                    request.rewind()
+                    scope = {**original, "state": dict(original.get("state", {}))}
+                    # A moment's jitter, so the transactions that collided do not collide again.
+                    await asyncio.sleep(random.uniform(0, 0.005))
+        finally:
+            _current_client.reset(client_token)
+
+    async def _run_once(
+        self, scope: Scope, request: _RequestMessages, send: Send, *, may_retry: bool
+    ) -> None:
+        unit = _UnitOfWork(self.client)
         unit_token = _current_unit.set(unit)
-        watcher = _DisconnectWatcher(receive)
         response_started = False
         replaced = False
 
@@ -904,33 +1027,41 @@ class DatabaseMiddleware:
             if replaced:
                 return  # our error answer replaced the endpoint's; drop the rest of it
             if message["type"] == "http.response.start":
-                response_started = True
                 status = message["status"]
                 commit = status < 400 or (unit.keep_writes and status < 500)
-                if commit and unit.in_transaction and await watcher.client_gone():
+                if commit and unit.in_transaction and await request.client_gone():
                     commit = False
                 try:
                     await unit.end(commit=commit)
                 except (CommitFailed, DatabaseUnavailable) as exc:
+                    if may_retry and _replayable(exc, scope, request):
+                        # Nothing went out yet: stop this run's response and start over.
+                        raise _Replay from None
                     replaced = True
+                    response_started = True
                     logger.error("%s; answering 5xx instead of %d", exc, status)
-                    await _error_response(exc)(scope, receive, send)
+                    await _error_response(exc)(scope, request.receive, send)
                     # Stop the endpoint's response there: its background tasks must not run
                     # for a request whose writes were lost.
                     raise _ResponseReplaced from None
+                response_started = True
             await send(message)
 
         try:
-            await self.app(scope, watcher.receive, send_ending_transaction)
-        except _ResponseReplaced:
-            pass  # already answered with the 5xx
+            await self.app(scope, request.receive, send_ending_transaction)
+        except (_ResponseReplaced, _Replay) as exc:
+            if isinstance(exc, _Replay):
+                raise
+            # _ResponseReplaced: already answered with the 5xx
         except DatabaseUnavailable as exc:
             await unit.end(commit=False)
             if response_started:
                 raise
+            if may_retry and _replayable(exc, scope, request):
+                raise _Replay from None
             # Info, not warning: under overload this fires for every refused request.
             logger.info("answering 503: %s", exc)
-            await _error_response(exc)(scope, receive, send)
+            await _error_response(exc)(scope, request.receive, send)
         except BaseException:
             await unit.end(commit=False)
             raise
@@ -938,7 +1069,19 @@ class DatabaseMiddleware:
             await unit.end(commit=False)  # no-op unless the app sent no response at all
         finally:
             _current_unit.reset(unit_token)
-            _current_client.reset(client_token)
+
+
+def _replayable(exc: Exception, scope: Scope, request: _RequestMessages) -> bool:
+    if not isinstance(exc, TransactionConflict) or not request.can_replay():
+        return False
+    if scope["method"] in _IDEMPOTENT_METHODS:
+        return True
+    # The router has put the matched endpoint in the scope by now.
+    return getattr(scope.get("endpoint"), _RETRY_MARK, False) is True
+
+
+class _Replay(Exception):
+    """Internal: the request's transaction lost a race; run the request again."""
 
 
 class _ResponseReplaced(Exception):
@@ -950,27 +1093,49 @@ def _error_response(exc: Exception) -> Any:
         return problem_response(
             503,
             str(exc),
-            title="Database unavailable",
+            title=(
+                "Transaction conflict"
+                if isinstance(exc, TransactionConflict)
+                else "Database unavailable"
+            ),
             headers={"Retry-After": str(exc.retry_after)},
         )
     return problem_response(500, "The request's changes could not be saved; nothing was kept.")
 
 
-class _DisconnectWatcher:
-    """Wraps `receive` so the middleware can tell, before committing, that the client left."""
+class _RequestMessages:
+    """Wraps `receive`: tells, before a commit, whether the client left; keeps the body for a
+    replay of the request."""
 
-    __slots__ = ("_body_read", "_gone", "_pending", "_receive")
+    __slots__ = ("_body_read", "_delivered", "_gone", "_pending", "_receive", "_replay")
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, receive: Receive, *, replayable: bool) -> None:
         self._receive = receive
-        self._pending: list[Message] = []  # messages we peeked at, replayed to the endpoint
+        self._pending: list[Message] = []  # messages we peeked at, handed to the endpoint next
+        # The body messages the endpoint got, kept only where a replay may need them again.
+        self._delivered: list[Message] | None = [] if replayable else None
+        self._replay: list[Message] = []
         self._body_read = False
         self._gone = False
 
     async def receive(self) -> Message:
+        if self._replay:
+            return self._replay.pop(0)
         message = self._pending.pop(0) if self._pending else await self._receive()
         self._note(message)
+        if self._delivered is not None and message["type"] == "http.request":
+            self._delivered.append(message)
         return message
+
+    def can_replay(self) -> bool:
+        """The client is still there and the endpoint read the whole body or none of it."""
+        if self._gone or self._delivered is None:
+            return False
+        return not self._delivered or not self._delivered[-1].get("more_body", False)
+
+    def rewind(self) -> None:
+        """Hand the next run the body messages this one got, then what comes after them."""
+        self._replay = list(self._delivered or ())
 
     def _note(self, message: Message) -> None:
         if message["type"] == "http.disconnect":

@@ -87,6 +87,12 @@ class Metrics(PoolEvents):
         )
         self.committed = transactions.labels(outcome="committed")
         self.rolled_back = transactions.labels(outcome="rolled_back")
+        self.retries = Counter(
+            "sparc_db_transaction_retries",
+            "Requests run again after their transaction lost a race "
+            "(serialization_failure, deadlock_detected).",
+            registry=registry,
+        )
         self.requests = Counter(
             "sparc_http_requests",
             "HTTP requests answered, by route template, method and status.",
@@ -122,6 +128,9 @@ class Metrics(PoolEvents):
 
     def transaction_finished(self, *, committed: bool) -> None:
         (self.committed if committed else self.rolled_back).inc()
+
+    def transaction_retried(self) -> None:
+        self.retries.inc()
 
     def sample_pool(self, client: DatabaseClient) -> None:
         stats = client.pool_stats()

@@ -10,7 +10,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sparc import audit
-from sparc.database import get_db_client
+from sparc.database import get_db_client, retry_on_conflict
 from sparc.identity import current_user
 from sparc.problems import Problem
 from sparc.settings import Settings
@@ -65,6 +65,7 @@ async def revoke_session(request: Request) -> Response:
     return Response(status_code=204)
 
 
+@retry_on_conflict
 async def logout_all(request: Request) -> Response:
     user = current_user(request)
     await get_db_client().execute("DELETE FROM sessions WHERE user_id = :id", {"id": user.id})

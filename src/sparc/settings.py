@@ -37,7 +37,12 @@ class Settings:
     # 0 turns the server-side statement_timeout off.
     statement_timeout: float = 30.0
     pool_max_idle: float = 300.0
+    # asyncpg's per-connection cache of prepared statements; 0 behind PgBouncer.
     statement_cache_size: int = 100
+    # DATABASE_URL points at PgBouncer in transaction mode: each transaction may run on another
+    # server connection, so nothing may rely on session state (startup settings, prepared
+    # statements) beyond one transaction.
+    pgbouncer: bool = False
     # 0 = unbounded: every request may queue for a connection (up to DB_POOL_TIMEOUT).
     pool_max_waiting: int = 0
     # Server-side backstop for a transaction left open by a bug; 0 turns it off.
@@ -45,6 +50,10 @@ class Settings:
     # Refuse to start when workers x DB_POOL_MAX_SIZE cannot fit in the server's free
     # connections; turn off behind PgBouncer, whose clients are not server connections.
     connection_budget_check: bool = True
+    # Replays of a request that failed with serialization_failure or deadlock_detected.
+    retry_attempts: int = 3
+    # On SIGTERM: how long in-flight requests may run on before they are cancelled.
+    shutdown_grace: float = 25.0
     data_dir: Path = DEFAULT_DATA_DIR
     token_ttl: float = 12 * 3600.0
     token_idle_timeout: float = 30 * 60.0
@@ -64,6 +73,12 @@ class Settings:
             raise SettingsError(
                 f"SPARC_ARGON2_MEMORY_KIB={self.argon2_memory_kib} is below Argon2's minimum of "
                 f"8 KiB per lane (SPARC_ARGON2_PARALLELISM={self.argon2_parallelism})"
+            )
+        if self.pgbouncer and self.statement_cache_size:
+            raise SettingsError(
+                f"DB_STATEMENT_CACHE_SIZE={self.statement_cache_size} must be 0 with "
+                "DB_PGBOUNCER=true: PgBouncer's transaction mode gives each transaction any "
+                "server connection, where asyncpg's cached prepared statements do not exist"
             )
         if self.pool_min_size > self.pool_max_size:
             raise SettingsError(
@@ -122,6 +137,7 @@ def load_settings(
         reader = _Reader(lambda name: env.str(name, None))
     else:
         reader = _Reader(environ.get)
+    pgbouncer = reader.boolean("DB_PGBOUNCER", False)
     return Settings(
         database_url=reader.optional_str("DATABASE_URL"),
         pool_min_size=reader.integer("DB_POOL_MIN_SIZE", 1, minimum=0),
@@ -130,12 +146,18 @@ def load_settings(
         connect_timeout=reader.seconds("DB_CONNECT_TIMEOUT", 5.0, allow_zero=False),
         statement_timeout=reader.seconds("DB_STATEMENT_TIMEOUT", 30.0, allow_zero=True),
         pool_max_idle=reader.seconds("DB_POOL_MAX_IDLE", 300.0, allow_zero=True),
-        statement_cache_size=reader.integer("DB_STATEMENT_CACHE_SIZE", 100, minimum=0),
+        statement_cache_size=reader.integer(
+            "DB_STATEMENT_CACHE_SIZE", 0 if pgbouncer else 100, minimum=0
+        ),
+        pgbouncer=pgbouncer,
         pool_max_waiting=reader.integer("DB_POOL_MAX_WAITING", 0, minimum=0),
         idle_in_transaction_timeout=reader.seconds(
             "DB_IDLE_IN_TRANSACTION_TIMEOUT", 60.0, allow_zero=True
         ),
-        connection_budget_check=reader.boolean("DB_CONNECTION_BUDGET_CHECK", True),
+        # Behind PgBouncer the pools are PgBouncer's clients, not server connections.
+        connection_budget_check=reader.boolean("DB_CONNECTION_BUDGET_CHECK", not pgbouncer),
+        retry_attempts=reader.integer("DB_RETRY_ATTEMPTS", 3, minimum=0),
+        shutdown_grace=reader.seconds("SPARC_SHUTDOWN_GRACE", 25.0, allow_zero=True),
         data_dir=reader.path("SPARC_DATA_DIR", DEFAULT_DATA_DIR),
         token_ttl=reader.seconds("SPARC_TOKEN_TTL", 12 * 3600.0, allow_zero=False),
         token_idle_timeout=reader.seconds("SPARC_TOKEN_IDLE_TIMEOUT", 1800.0, allow_zero=False),
