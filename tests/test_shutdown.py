@@ -26,10 +26,10 @@ IN_FLIGHT = 3
 
 @pytest.fixture
 def server(
-    cli_database: str, tmp_path: Path, grace: str
+    cli_database: str, tmp_path: Path, grace: str, workers: str
 ) -> Iterator[tuple[subprocess.Popen[str], str]]:
     env = sparc_env(DATABASE_URL=cli_database, DB_POOL_MAX_SIZE="5", SPARC_SHUTDOWN_GRACE=grace)
-    process, base = start_serve(env, cwd=tmp_path)
+    process, base = start_serve(env, "--workers", workers, cwd=tmp_path)
     try:
         poll(f"{base}/readyz", process=process)
         yield process, base
@@ -111,6 +111,7 @@ async def register_in_flight(
 
 
 @pytest.mark.parametrize("grace", ["30"])
+@pytest.mark.parametrize("workers", ["1", "2"])
 async def test_in_flight_requests_finish_after_sigterm(
     server: tuple[subprocess.Popen[str], str],
     lock_holder: asyncpg.Connection,
@@ -132,7 +133,7 @@ async def test_in_flight_requests_finish_after_sigterm(
     assert await sparc_connections(observer) == 0  # the pool was closed on the way out
 
 
-@pytest.mark.parametrize("grace", ["1"])
+@pytest.mark.parametrize(("grace", "workers"), [("1", "1")])
 async def test_requests_still_running_after_the_grace_period_are_rolled_back(
     server: tuple[subprocess.Popen[str], str],
     lock_holder: asyncpg.Connection,

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from types import FrameType
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from sparc.database import DatabaseClient, DatabaseUnavailable
 from sparc.embedded import embedded_postgres
@@ -20,11 +20,17 @@ from sparc.health import WORKERS_VARIABLE
 from sparc.migrations import upgrade
 from sparc.settings import Settings, SettingsError, load_settings
 
+if TYPE_CHECKING:  # uvicorn is imported only by `sparc serve`
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
 logger = logging.getLogger("sparc")
 
 # prometheus_client's own variable. It must be set before prometheus_client is first imported,
 # so this module does not import sparc.metrics.
 MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+# uvicorn's exit code for a server that never started (e.g. the app's startup failed).
+STARTUP_FAILURE = 3
 
 
 class ConnectionBudgetExceeded(Exception):
@@ -176,7 +182,7 @@ def _serve(settings: Settings, *, host: str, port: int, workers: int) -> int:
             # Each worker writes its metrics here, so /metrics on any worker reports them all.
             directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="sparc-metrics-"))
             os.environ[MULTIPROCESS_DIR_VARIABLE] = directory
-        uvicorn.run(
+        config = uvicorn.Config(
             "sparc.app:create_app",
             factory=True,
             host=host,
@@ -189,7 +195,30 @@ def _serve(settings: Settings, *, host: str, port: int, workers: int) -> int:
             # int, but any number of seconds works.
             timeout_graceful_shutdown=cast(int, settings.shutdown_grace),
         )
+        if workers == 1:
+            server = uvicorn.Server(config)
+            server.run()
+            return 0 if server.started else STARTUP_FAILURE
+        _supervisor(config).run()
     return 0
+
+
+def _supervisor(config: uvicorn.Config) -> Multiprocess:
+    """uvicorn's supervisor of `--workers N`, refusing new connections as soon as it stops.
+
+    uvicorn's own keeps the listening socket open in the parent until every worker has finished
+    its grace period; meanwhile new connections pile up unanswered in the kernel's backlog. Once
+    the parent and every worker have closed their copy, new connections are refused at once.
+    """
+    from uvicorn.supervisors import Multiprocess
+
+    class Supervisor(Multiprocess):
+        def terminate_all(self) -> None:
+            for listening in self.sockets:
+                listening.close()
+            super().terminate_all()
+
+    return Supervisor(config, sockets=[config.bind_socket()])
 
 
 def _loadtest(args: argparse.Namespace, settings: Settings) -> int:

@@ -42,7 +42,9 @@ _NO_CONTENT = {"description": "Done; no body."}
 _COMMON = {
     "500": _problem("The server failed; nothing the request wrote was kept."),
     "503": _problem(
-        "The database is unavailable or its pool exhausted; retry later.", retry_after=True
+        "The database is unavailable, its pool exhausted, or the request's transaction kept "
+        "losing races with others; nothing was kept, retry later.",
+        retry_after=True,
     ),
 }
 _BODY_ERRORS = {
