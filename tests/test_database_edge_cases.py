@@ -341,3 +341,25 @@ async def test_thousands_of_aborted_requests_leak_nothing(
     unfinished = await admin.fetchval("SELECT count(*) FROM notes WHERE body NOT LIKE '%!'")
     assert unfinished == 0  # no half-written request was committed
     assert kept >= completed  # every request that answered had its writes kept
+
+
+async def test_requests_get_connections_in_the_order_they_asked(database_url: str) -> None:
+    settings = Settings(database_url=database_url, pool_min_size=0, pool_max_size=1)
+    holding, release = anyio.Event(), anyio.Event()
+    served: list[int] = []
+
+    async def numbered(request: Request) -> Response:
+        await get_db_client().fetch_val("SELECT 1")
+        served.append(int(request.query_params["n"]))
+        return JSONResponse({})
+
+    app = tiny_app(settings, hold=hold_connection(holding, release), numbered=numbered)
+    async with serving(app) as http, anyio.create_task_group() as group:
+        group.start_soon(http.get, "/hold")
+        await holding.wait()
+        for number in range(5):
+            group.start_soon(http.get, f"/numbered?n={number}")
+            await poll_until(lambda n=number: app.state.client.pool_stats().waiting == n + 1)
+        release.set()
+    # First come, first served: nobody who waited is overtaken by a later arrival.
+    assert served == [0, 1, 2, 3, 4]

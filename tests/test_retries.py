@@ -86,7 +86,8 @@ async def test_serializable_write_skew_is_replayed_and_the_replay_sees_the_winne
         group.start_soon(request, "alice")
         group.start_soon(request, "bob")
     assert sorted(statuses.values()) == [200, 409]
-    assert len(runs) == 3 and events.retries == 1  # the loser ran twice
+    # The loser ran again (more than once if its replay read before the winner committed).
+    assert events.retries >= 1 and len(runs) == 2 + events.retries
     assert await admin.fetchval("SELECT count(*) FROM doctors WHERE on_call") == 1
 
 

@@ -205,6 +205,28 @@ def _compile_text(sql: str) -> tuple[str, tuple[str, ...]]:
     return _NAMED_PARAMETER.sub(number, sql).replace("\\:", ":"), tuple(names)
 
 
+# Statements whose effect can outlive their transaction: session settings, LISTEN, cursors WITH
+# HOLD, prepared statements, temporary tables, session advisory locks, and anonymous blocks or
+# procedures that could do any of these. Functions called from a query are not looked into.
+_SESSION_CHANGE = re.compile(
+    r"(?:^|;)\s*(?:--[^\n]*\n\s*|/\*.*?\*/\s*)*"
+    r"(?:set(?!\s+(?:local|transaction|constraints)\b)|reset|listen|declare|prepare|load|discard"
+    r"|do|call|create\s+(?:(?:global|local)\s+)?temp(?:orary)?)\b"
+    r"|\b(?:set_config|pg_(?:try_)?advisory_lock(?:_shared)?)\s*\(",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+@functools.lru_cache(maxsize=2048)
+def _changes_session(sql: str) -> bool:
+    """Whether `sql` may leave state in the session that the next user of the connection sees."""
+    return _SESSION_CHANGE.search(sql) is not None
+
+
+async def _keep_session(connection: Any) -> None:
+    """asyncpg's per-release reset hook: nothing to undo (see DatabaseClient._release)."""
+
+
 def _prepare(query: Query, values: Values | None) -> tuple[str, list[Any]]:
     if isinstance(query, str):
         sql, names = _compile_text(query)
@@ -257,6 +279,7 @@ class _UnitOfWork:
         "_in_transaction",
         "_lock",
         "_savepoints",
+        "_session_changed",
         "client",
         "conflicted",
         "ended",
@@ -277,6 +300,7 @@ class _UnitOfWork:
         self._doomed = False  # interrupted mid-BEGIN: may neither run statements nor commit
         self._abandoned = False
         self._savepoints = 0
+        self._session_changed = False  # a statement may have left state in the session
 
     @property
     def in_transaction(self) -> bool:
@@ -287,7 +311,13 @@ class _UnitOfWork:
             raise RuntimeError("set_isolation() must come before the transaction's first statement")
         self._begin = self.client._begin_sql(isolation)
 
-    async def run(self, operation: Callable[[Any], Awaitable[T]], *, transactional: bool) -> T:
+    async def run(
+        self,
+        operation: Callable[[Any], Awaitable[T]],
+        *,
+        transactional: bool,
+        sql: str | None = None,
+    ) -> T:
         async with self._lock:
             if self.ended:
                 raise _UnitEnded
@@ -301,6 +331,8 @@ class _UnitOfWork:
                     if self._abandoned:
                         raise _UnitEnded  # the unit ended while we waited for the pool
                 connection = self._connection
+                if sql is not None and _changes_session(sql):
+                    self._session_changed = True
                 try:
                     if transactional and not self._in_transaction:
                         await self._begin_transaction(connection)
@@ -352,7 +384,9 @@ class _UnitOfWork:
                 # The common case (nothing open, nobody else using the connection): asyncpg
                 # shields the release itself, so no task of our own is needed.
                 connection, self._connection = self._connection, None
-                await self.client._release(connection, broken=False)
+                await self.client._release(
+                    connection, broken=False, session_changed=self._session_changed
+                )
 
     async def _commit(self) -> None:
         if self._broken or self._doomed:
@@ -431,7 +465,9 @@ class _UnitOfWork:
                     logger.warning("rollback did not finish in time; discarding the connection")
                     self._broken = True
         self._in_transaction = False
-        await self.client._release(connection, broken=self._broken)
+        await self.client._release(
+            connection, broken=self._broken, session_changed=self._session_changed
+        )
 
     @contextlib.asynccontextmanager
     async def savepoint(self) -> AsyncIterator[None]:
@@ -569,6 +605,10 @@ class DatabaseClient:
         self._database: databases.Database | None = None
         self._embedded: contextlib.ExitStack | None = None
         self._waiting = 0
+        # One turn per pooled connection, handed out first come, first served: asyncpg's own
+        # queue lets a newcomer take a connection that was just handed to a waiter, who then
+        # queues again at the back (seen as p99 latency in the hundreds of ms under load).
+        self._turns = asyncio.Semaphore(settings.pool_max_size)
         self._reconnect = _ReconnectBackoff()
         self._cleanups: set[asyncio.Future[Any]] = set()  # units of work still cleaning up
         self._plain_begin = self._begin_sql(None)
@@ -592,6 +632,10 @@ class DatabaseClient:
             statement_cache_size=self.settings.statement_cache_size,
             server_settings=server_settings,
             init=self._connection_opened,
+            # asyncpg resets every connection's session on release (RESET ALL and more, a round
+            # trip per request); SPARC does that itself only when a statement may have changed
+            # the session (see _release).
+            reset=_keep_session,
         )
 
     def _timeouts(self) -> dict[str, str]:
@@ -638,6 +682,7 @@ class DatabaseClient:
             )
             self.settings = self.settings.with_database_url(url)
         database = self._build_database(url)
+        self._turns = asyncio.Semaphore(self.settings.pool_max_size)  # fresh for this loop
         try:
             with anyio.fail_after(self.settings.connect_timeout + 1):
                 await database.connect()
@@ -715,46 +760,49 @@ class DatabaseClient:
                 f"PostgreSQL was unreachable moments ago; the next connection attempt is in "
                 f"{wait:.1f} s"
             )
-        limit = self.settings.pool_max_waiting
-        if limit and self._waiting >= limit and not pool._queue.qsize():
-            # Backpressure: a queue this long would only turn into timeouts; answer now.
-            self.events.acquire_refused()
-            raise PoolQueueFull(
-                f"{self._waiting} requests already wait for a database connection "
-                f"(DB_POOL_MAX_WAITING={limit})"
-            )
-        self._waiting += 1
+        turns = self._turns
         started = time.perf_counter()
-        try:
-            if pool._queue.qsize():
-                # An idle connection is there to take: no wait to bound (opening a replacement
-                # for a dead one is bounded by DB_CONNECT_TIMEOUT), so skip the timer.
-                connection = await pool.acquire()
-            else:
-                # asyncio.timeout, not acquire(timeout=...): asyncpg implements that with
-                # wait_for, which costs a task and extra event-loop turns on every acquire.
+        if turns.locked():
+            limit = self.settings.pool_max_waiting
+            if limit and self._waiting >= limit:
+                # Backpressure: a queue this long would only turn into timeouts; answer now.
+                self.events.acquire_refused()
+                raise PoolQueueFull(
+                    f"{self._waiting} requests already wait for a database connection "
+                    f"(DB_POOL_MAX_WAITING={limit})"
+                )
+            self._waiting += 1
+            try:
+                # asyncio.timeout, not wait_for: no task of its own, no extra event-loop turns.
                 async with asyncio.timeout(self.settings.pool_timeout):
-                    connection = await pool.acquire()
-        except TimeoutError:
-            self.events.acquire_timed_out()
-            if pool.get_size() >= pool.get_max_size():
-                why = f"all {pool.get_max_size()} pooled connections are busy"
-            else:
-                why = "opening a new connection took too long"
-            raise PoolTimeout(
-                f"couldn't get a database connection within {self.settings.pool_timeout:.2f} s "
-                f"(DB_POOL_TIMEOUT): {why}"
-            ) from None
-        except _CONNECTION_ERRORS as exc:
-            self._reconnect.failed()
-            raise DatabaseUnavailable(self._unreachable_message(exc)) from None
-        finally:
-            self._waiting -= 1
+                    await turns.acquire()
+            except TimeoutError:
+                self.events.acquire_timed_out()
+                raise PoolTimeout(
+                    f"couldn't get a database connection within "
+                    f"{self.settings.pool_timeout:.2f} s (DB_POOL_TIMEOUT): all "
+                    f"{pool.get_max_size()} pooled connections are busy"
+                ) from None
+            finally:
+                self._waiting -= 1
+        else:
+            await turns.acquire()  # free: returns at once
+        try:
+            # A turn means an idle connection is there, or the pool may open one (bounded by
+            # DB_CONNECT_TIMEOUT): this does not queue.
+            connection = await pool.acquire()
+        except BaseException as exc:
+            turns.release()
+            if isinstance(exc, _CONNECTION_ERRORS):
+                self._reconnect.failed()
+                raise DatabaseUnavailable(self._unreachable_message(exc)) from None
+            raise
         self._reconnect.succeeded()
         self.events.acquired(time.perf_counter() - started)
         return connection
 
-    async def _release(self, connection: Any, *, broken: bool) -> None:
+    async def _release(self, connection: Any, *, broken: bool, session_changed: bool) -> None:
+        quiet = False  # nothing left for asyncpg's release to do on the wire
         if _is_closed(connection):
             self.events.connection_discarded()
             logger.warning("a database connection was lost; the pool will open a new one")
@@ -762,11 +810,29 @@ class DatabaseClient:
             self.events.connection_discarded()
             logger.warning("discarding a broken database connection")
             connection.terminate()
+        elif session_changed:
+            # Undo what the request left in the session (settings, LISTEN, advisory locks...)
+            # before anyone else gets the connection.
+            try:
+                with anyio.fail_after(self.settings.connect_timeout):
+                    await connection.execute(connection.get_reset_query())
+            except Exception as exc:
+                logger.warning("could not reset a connection's session (%s); discarding it", exc)
+                self.events.connection_discarded()
+                connection.terminate()
+        else:
+            quiet = not connection.is_in_transaction()
         try:
-            await self._pool().release(connection, timeout=self.settings.connect_timeout)
+            # With every transaction ended, asyncpg's release does no I/O: no timeout (and no
+            # timer) is needed then.
+            timeout = None if quiet else self.settings.connect_timeout
+            await self._pool().release(connection, timeout=timeout)
         except Exception as exc:
             # asyncpg has already terminated the connection; the pool replaces it on demand.
             logger.warning("a connection could not be reset and was discarded: %s", exc)
+        finally:
+            # Only now, with the connection back in asyncpg's pool, may the next request go.
+            self._turns.release()
 
     async def connection_budget(self) -> ConnectionBudget:
         row = await self.fetch_one(
@@ -802,30 +868,33 @@ class DatabaseClient:
             return None
         return unit
 
-    async def _run(self, operation: Callable[[Any], Awaitable[T]], *, transactional: bool) -> T:
+    async def _run(
+        self, operation: Callable[[Any], Awaitable[T]], *, transactional: bool, sql: str
+    ) -> T:
         unit = self._unit()
         if unit is not None:
             try:
-                return await unit.run(operation, transactional=transactional)
+                return await unit.run(operation, transactional=transactional, sql=sql)
             except _UnitEnded:
                 pass  # the request ended while this statement queued: run it as after the end
         # No unit of work: this statement alone takes a connection, in autocommit.
         standalone = _UnitOfWork(self)
         try:
-            result = await standalone.run(operation, transactional=False)
+            result = await standalone.run(operation, transactional=False, sql=sql)
         finally:
             await standalone.end(commit=False)
         return result
 
     async def fetch_all(self, query: Query, values: Values | None = None) -> list[Row]:
         sql, args = _prepare(query, values)
-        rows = await self._run(lambda c: c.fetch(sql, *args), transactional=True)
+        rows = await self._run(lambda c: c.fetch(sql, *args), transactional=True, sql=sql)
         return cast(list[Row], rows)
 
     async def fetch_one(self, query: Query, values: Values | None = None) -> Row | None:
         sql, args = _prepare(query, values)
         return cast(
-            Row | None, await self._run(lambda c: c.fetchrow(sql, *args), transactional=True)
+            Row | None,
+            await self._run(lambda c: c.fetchrow(sql, *args), transactional=True, sql=sql),
         )
 
     async def fetch_val(
@@ -837,7 +906,7 @@ class DatabaseClient:
     async def execute(self, query: Query, values: Values | None = None) -> Any:
         """Run a statement; returns the first column of its first row (e.g. RETURNING id)."""
         sql, args = _prepare(query, values)
-        return await self._run(lambda c: c.fetchval(sql, *args), transactional=True)
+        return await self._run(lambda c: c.fetchval(sql, *args), transactional=True, sql=sql)
 
     async def execute_many(self, query: Query, values: Sequence[Values]) -> None:
         if not values:
@@ -848,7 +917,9 @@ class DatabaseClient:
             # A Core statement compiles per value set; differing keys give differing SQL.
             raise ValueError("execute_many() needs the same keys in every value set")
         await self._run(
-            lambda c: c.executemany(sql, [args for _, args in prepared]), transactional=True
+            lambda c: c.executemany(sql, [args for _, args in prepared]),
+            transactional=True,
+            sql=sql,
         )
 
     async def iterate(
@@ -866,7 +937,7 @@ class DatabaseClient:
         if unit is None:
             unit = _UnitOfWork(self)
         try:
-            cursor = await unit.run(lambda c: c.cursor(sql, *args), transactional=True)
+            cursor = await unit.run(lambda c: c.cursor(sql, *args), transactional=True, sql=sql)
             while True:
                 # The lock is held per batch, not across the loop body, so the caller may run
                 # other queries between rows.
@@ -897,7 +968,8 @@ class DatabaseClient:
         """
         sql, args = _prepare(query, values)
         return cast(
-            Row | None, await self._run(lambda c: c.fetchrow(sql, *args), transactional=False)
+            Row | None,
+            await self._run(lambda c: c.fetchrow(sql, *args), transactional=False, sql=sql),
         )
 
     def set_isolation(self, isolation: str) -> None:
