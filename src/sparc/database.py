@@ -1121,10 +1121,10 @@ class DatabaseMiddleware:
 
         try:
             await self.app(scope, request.receive, send_ending_transaction)
-        except (_ResponseReplaced, _Replay) as exc:
-            if isinstance(exc, _Replay):
-                raise
-            # _ResponseReplaced: already answered with the 5xx
+        except _ResponseReplaced:
+            pass  # already answered with the 5xx
+        except _Replay:
+            raise  # this run's unit has ended; __call__ starts the next run
         except DatabaseUnavailable as exc:
             await unit.end(commit=False)
             if response_started:
