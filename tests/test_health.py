@@ -6,7 +6,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import asyncpg_dsn
+from tests.conftest import asyncpg_dsn, poll_until_async
 
 pytestmark = pytest.mark.anyio
 
@@ -44,8 +44,13 @@ async def test_readyz_is_503_when_the_database_refuses_connections(
         assert "retry-after" in response.headers
         assert (await http.get("/healthz")).status_code == 200
         await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
-        # Healed by itself: broken connections were discarded, a new one is opened on demand.
-        assert (await http.get("/readyz")).status_code == 200
+
+        # Healed by itself, once the reconnect backoff (0.1 s after the first refusal) is over:
+        # broken connections were discarded, a new one is opened on demand.
+        async def ready() -> bool:
+            return (await http.get("/readyz")).status_code == 200
+
+        await poll_until_async(ready, within=5)
     finally:
         await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
         await admin.close()

@@ -224,3 +224,81 @@ async def test_a_request_whose_body_was_read_in_part_is_not_replayed(settings: S
         response = await http.put("/reads_a_little", content=chunks())
     assert_problem(response, 503)
     assert runs == 1
+
+
+async def test_a_body_too_big_to_keep_is_not_replayed(settings: Settings) -> None:
+    runs = 0
+
+    async def reads_it_all(request: Request) -> Response:
+        nonlocal runs
+        runs += 1
+        assert len(await request.body()) == 2 * 1024 * 1024
+        await get_db_client().execute(LOSE_THE_RACE)
+        return JSONResponse({})
+
+    async def two_mebibytes() -> httpx.AsyncByteStream:  # type: ignore[misc]
+        for _ in range(32):
+            yield b"x" * 65536
+
+    async with serving(tiny_app(settings, reads_it_all=reads_it_all)) as http:
+        response = await http.put("/reads_it_all", content=two_mebibytes())
+    # Kept only up to 1 MiB for a replay, so this one is answered, not run again.
+    assert_problem(response, 503)
+    assert runs == 1
+
+
+async def test_a_conflict_inside_a_task_group_is_replayed(
+    settings: Settings, notes: str, admin: asyncpg.Connection
+) -> None:
+    runs = 0
+
+    async def fan_out(request: Request) -> Response:
+        nonlocal runs
+        runs += 1
+        await insert_note(f"run {runs}")
+        async with anyio.create_task_group() as group:  # wraps the error in an ExceptionGroup
+            if runs == 1:
+                group.start_soon(get_db_client().execute, LOSE_THE_RACE)
+        return JSONResponse({})
+
+    async with serving(tiny_app(settings, fan_out=fan_out)) as http:
+        response = await http.get("/fan_out")
+    assert response.status_code == 200 and runs == 2
+    assert await note_bodies(admin) == ["run 2"]
+
+
+async def test_a_conflict_inside_a_task_group_that_cannot_be_replayed_answers_503(
+    settings: Settings, notes: str, admin: asyncpg.Connection
+) -> None:
+    async def fan_out(request: Request) -> Response:
+        await insert_note("lost")
+        async with anyio.create_task_group() as group:
+            group.start_soon(get_db_client().execute, LOSE_THE_RACE)
+        return JSONResponse({})
+
+    async with serving(tiny_app(settings, fan_out=fan_out)) as http:
+        response = await http.post("/fan_out")  # not marked: no replay
+    assert assert_problem(response, 503)["title"] == "Transaction conflict"
+    assert await note_bodies(admin) == []
+
+
+async def test_a_caught_conflict_answered_with_an_error_is_replayed(
+    settings: Settings, notes: str, admin: asyncpg.Connection
+) -> None:
+    runs = 0
+
+    async def careful(request: Request) -> Response:
+        nonlocal runs
+        runs += 1
+        await insert_note(f"run {runs}")
+        try:
+            if runs == 1:
+                await get_db_client().execute(LOSE_THE_RACE)
+        except QueryError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=409)
+        return JSONResponse({})
+
+    async with serving(tiny_app(settings, careful=careful)) as http:
+        response = await http.put("/careful")
+    assert response.status_code == 200 and runs == 2
+    assert await note_bodies(admin) == ["run 2"]

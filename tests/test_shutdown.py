@@ -3,6 +3,7 @@ SPARC_SHUTDOWN_GRACE, then cancels what is left (rolled back) and closes the poo
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
@@ -15,9 +16,15 @@ import anyio.to_thread
 import asyncpg
 import httpx
 import pytest
+import uvicorn
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
+from sparc.database import get_db_client
+from sparc.settings import Settings
 from tests.conftest import asyncpg_dsn, poll_until, poll_until_async
-from tests.processes import poll, sparc_env, start_serve
+from tests.dbapp import tiny_app
+from tests.processes import free_port, poll, sparc_env, start_serve
 
 pytestmark = [pytest.mark.anyio, pytest.mark.faults]
 
@@ -152,3 +159,50 @@ async def test_requests_still_running_after_the_grace_period_are_rolled_back(
     assert len(answers) == IN_FLIGHT and 201 not in answers  # cut off, none answered success
     assert await lock_holder.fetchval("SELECT count(*) FROM users") == 0  # nothing half-written
     assert await sparc_connections(observer) == 0
+
+
+async def test_requests_cancelled_at_the_end_of_the_grace_period_return_their_connections(
+    database_url: str,
+) -> None:
+    # A request that takes a few loop turns to unwind (a task group here) starts returning its
+    # connection only once the pool has begun to close: the close must still take it back
+    # rather than wait DB_CONNECT_TIMEOUT and cut it.
+    started = anyio.Event()
+
+    async def busy(request: Request) -> Response:
+        await get_db_client().execute("SELECT 1")  # the request's transaction is open
+        started.set()
+        async with anyio.create_task_group() as group:
+            group.start_soon(anyio.sleep, 60)
+        return JSONResponse({})
+
+    settings = Settings(database_url=database_url, connect_timeout=5.0)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            tiny_app(settings, busy=busy),
+            port=port,
+            lifespan="on",
+            log_level="critical",
+            timeout_graceful_shutdown=0.2,
+        )
+    )
+    stopped = anyio.Event()
+
+    async def serve() -> None:
+        await server.serve()
+        stopped.set()
+
+    async def call() -> None:
+        async with httpx.AsyncClient() as http:
+            with contextlib.suppress(httpx.HTTPError):
+                await http.get(f"http://127.0.0.1:{port}/busy", timeout=30)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(serve)
+        await poll_until(lambda: server.started)
+        group.start_soon(call)
+        await started.wait()
+        server.should_exit = True
+        with anyio.fail_after(3):  # the grace period and a quick close, not + DB_CONNECT_TIMEOUT
+            await stopped.wait()

@@ -702,7 +702,9 @@ class DatabaseClient:
         if self._cleanups:
             # Connections still on their way back to the pool: the pool waits for them anyway.
             await asyncio.gather(*list(self._cleanups), return_exceptions=True)
-        database, self._database = self._database, None
+        # The pool stays reachable while it closes: requests cancelled at shutdown may start
+        # returning their connections only now, and close() waits for them.
+        database = self._database
         try:
             if database is not None and database.is_connected:
                 pool = database._backend._pool
@@ -715,6 +717,7 @@ class DatabaseClient:
                 else:
                     logger.info("database pool closed")
         finally:
+            self._database = None
             embedded, self._embedded = self._embedded, None
             if embedded is not None:
                 await anyio.to_thread.run_sync(embedded.close)
@@ -793,7 +796,9 @@ class DatabaseClient:
             connection = await pool.acquire()
         except BaseException as exc:
             turns.release()
-            if isinstance(exc, _CONNECTION_ERRORS):
+            # A server that refuses the new connection (not accepting connections, too many
+            # clients, starting up) is as unavailable as one that does not answer.
+            if isinstance(exc, (*_CONNECTION_ERRORS, asyncpg.PostgresError)):
                 self._reconnect.failed()
                 raise DatabaseUnavailable(self._unreachable_message(exc)) from None
             raise
@@ -1100,13 +1105,18 @@ class DatabaseMiddleware:
                 return  # our error answer replaced the endpoint's; drop the rest of it
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if status >= 400 and unit.conflicted and may_retry and _may_replay(scope, request):
+                    # The endpoint caught a lost race and answered an error: run it again.
+                    await unit.end(commit=False)
+                    raise _Replay
                 commit = status < 400 or (unit.keep_writes and status < 500)
                 if commit and unit.in_transaction and await request.client_gone():
                     commit = False
                 try:
                     await unit.end(commit=commit)
                 except (CommitFailed, DatabaseUnavailable) as exc:
-                    if may_retry and _replayable(exc, scope, request):
+                    conflict = isinstance(exc, TransactionConflict)
+                    if conflict and may_retry and _may_replay(scope, request):
                         # Nothing went out yet: stop this run's response and start over.
                         raise _Replay from None
                     replaced = True
@@ -1129,22 +1139,35 @@ class DatabaseMiddleware:
             await unit.end(commit=False)
             if response_started:
                 raise
-            if may_retry and _replayable(exc, scope, request):
+            conflict = isinstance(exc, TransactionConflict)
+            if conflict and may_retry and _may_replay(scope, request):
                 raise _Replay from None
             # Info, not warning: under overload this fires for every refused request.
             logger.info("answering 503: %s", exc)
             await _error_response(exc)(scope, request.receive, send)
-        except BaseException:
+        except BaseException as exc:
             await unit.end(commit=False)
-            raise
+            if not unit.conflicted or response_started or not isinstance(exc, Exception):
+                raise
+            # A lost race that reached us wrapped (e.g. in a task group's ExceptionGroup).
+            if may_retry and _may_replay(scope, request):
+                raise _Replay from None
+            logger.info("answering 503: a lost race ended in %r", exc)
+            lost = TransactionConflict(
+                "the request's transaction lost a race with another transaction",
+                sqlstate=None,
+                constraint=None,
+            )
+            await _error_response(lost)(scope, request.receive, send)
         else:
             await unit.end(commit=False)  # no-op unless the app sent no response at all
         finally:
             _current_unit.reset(unit_token)
 
 
-def _replayable(exc: Exception, scope: Scope, request: _RequestMessages) -> bool:
-    if not isinstance(exc, TransactionConflict) or not request.can_replay():
+def _may_replay(scope: Scope, request: _RequestMessages) -> bool:
+    """Whether running the request again is safe (its transaction lost a race)."""
+    if not request.can_replay():
         return False
     if scope["method"] in _IDEMPOTENT_METHODS:
         return True
@@ -1175,17 +1198,30 @@ def _error_response(exc: Exception) -> Any:
     return problem_response(500, "The request's changes could not be saved; nothing was kept.")
 
 
+# A request body is kept for a replay up to this size; a larger one makes its request final.
+_REPLAYABLE_BODY_LIMIT = 1024 * 1024
+
+
 class _RequestMessages:
     """Wraps `receive`: tells, before a commit, whether the client left; keeps the body for a
     replay of the request."""
 
-    __slots__ = ("_body_read", "_delivered", "_gone", "_pending", "_receive", "_replay")
+    __slots__ = (
+        "_body_read",
+        "_delivered",
+        "_delivered_bytes",
+        "_gone",
+        "_pending",
+        "_receive",
+        "_replay",
+    )
 
     def __init__(self, receive: Receive, *, replayable: bool) -> None:
         self._receive = receive
         self._pending: list[Message] = []  # messages we peeked at, handed to the endpoint next
         # The body messages the endpoint got, kept only where a replay may need them again.
         self._delivered: list[Message] | None = [] if replayable else None
+        self._delivered_bytes = 0
         self._replay: list[Message] = []
         self._body_read = False
         self._gone = False
@@ -1196,7 +1232,11 @@ class _RequestMessages:
         message = self._pending.pop(0) if self._pending else await self._receive()
         self._note(message)
         if self._delivered is not None and message["type"] == "http.request":
-            self._delivered.append(message)
+            self._delivered_bytes += len(message.get("body", b""))
+            if self._delivered_bytes > _REPLAYABLE_BODY_LIMIT:
+                self._delivered = None  # too big to keep for a replay: this one has none
+            else:
+                self._delivered.append(message)
         return message
 
     def can_replay(self) -> bool:
