@@ -58,6 +58,9 @@ def instructions(app: str, env: dict[str, str], token: str, requests: int) -> in
                     *("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"),
                     *(sys.executable, "-m", "uvicorn", app, "--factory", "--port", str(port)),
                     *("--log-level", "warning", "--no-access-log"),
+                    # Under valgrind a kept-alive connection can sit idle past uvicorn's 5 s
+                    # default; the server then closes it just as the client reuses it.
+                    *("--timeout-keep-alive", "600"),
                 ],
                 env={**os.environ, **env},
                 cwd=REPO_ROOT,

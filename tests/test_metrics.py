@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncpg
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sparc.app import create_app
 from sparc.database import DatabaseUnavailable
+from sparc.metrics import _WAIT_BUCKETS, Metrics
 from sparc.settings import Settings
 from tests.conftest import serving
 from tests.helpers import bearer, register, token_for
@@ -137,3 +139,39 @@ async def test_discarded_connections_and_acquire_timeouts_are_counted(
     assert value(samples, "sparc_db_pool_acquire_timeouts_total") == 1
     assert value(samples, "sparc_db_connections_discarded_total") >= 1
     assert value(samples, "sparc_db_connections_closed_total") >= 1
+
+
+def test_tallied_observations_expose_as_if_observed_directly() -> None:
+    # The request path tallies in plain Python and flushes into prometheus-client's histograms
+    # through their private bucket values: the exposition must not tell the difference.
+    waits = [0.0, 0.0004, 0.0005, 0.0005001, 0.003, 0.1, 0.25, 9.99, 10, 11, 120]
+    metrics = Metrics()
+    direct = CollectorRegistry()
+    reference = Histogram(
+        "sparc_db_pool_acquire_wait_seconds",
+        "Time from asking the pool for a connection to getting one.",
+        buckets=_WAIT_BUCKETS,
+        registry=direct,
+    )
+    for wait in waits:
+        metrics.acquired(wait)
+        reference.observe(wait)
+    metrics.request_answered("/auth/me", "GET", 200, 0.002)
+
+    def wait_samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            key: sample
+            for key, sample in parse(text.decode()).items()
+            if key[0].startswith("sparc_db_pool_acquire_wait_seconds")
+            and not key[0].endswith("_created")
+        }
+
+    expected = wait_samples(generate_latest(direct))
+    first = metrics.exposition()
+    assert wait_samples(first) == expected
+    assert wait_samples(metrics.exposition()) == expected  # a second flush adds nothing
+    samples = parse(first.decode())
+    me = {"route": "/auth/me", "method": "GET", "status": "200"}
+    assert value(samples, "sparc_http_requests_total", **me) == 1
+    timed = {"route": "/auth/me", "method": "GET", "le": "0.0025"}
+    assert value(samples, "sparc_http_request_duration_seconds_bucket", **timed) == 1

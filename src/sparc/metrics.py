@@ -2,10 +2,16 @@
 
 With PROMETHEUS_MULTIPROC_DIR set (`sparc serve` sets it), every worker process writes its
 figures to files there and GET /metrics on any worker reports all of them.
+
+The request path only adds to plain Python tallies; they reach prometheus-client (whose every
+update takes a lock, and in multiprocess mode writes to a memory-mapped file) once a second,
+before each exposition and at shutdown. Another worker's figures can therefore be up to a
+second (POOL_SAMPLE_SECONDS) behind in a scrape.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
 import time
@@ -34,6 +40,37 @@ POOL_SAMPLE_SECONDS = 1.0
 
 _WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class _HistogramTally:
+    """Observations kept per bucket until `flush` adds them to a prometheus-client Histogram.
+
+    Uses the histogram's own bucket bounds, sum and bucket values (private to prometheus-client;
+    tests/test_metrics.py checks the result equals observing directly).
+    """
+
+    __slots__ = ("_bounds", "_counts", "_histogram", "_sum")
+
+    def __init__(self, histogram: Histogram) -> None:
+        self._histogram = histogram
+        self._bounds: list[float] = histogram._upper_bounds
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # The first bucket whose upper bound is >= value, as Histogram.observe picks.
+        self._counts[bisect.bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def flush(self) -> None:
+        counts, self._counts = self._counts, [0] * len(self._bounds)
+        total, self._sum = self._sum, 0.0
+        if not any(counts):
+            return
+        self._histogram._sum.inc(total)
+        for bucket, count in zip(self._histogram._buckets, counts, strict=True):
+            if count:
+                bucket.inc(count)
 
 
 class Metrics(PoolEvents):
@@ -106,31 +143,63 @@ class Metrics(PoolEvents):
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
+        # What happened since the last flush(), by the counter or histogram it goes to.
+        self._counts: dict[Counter, int] = {}
+        self._acquire_waits = _HistogramTally(self.acquire_wait)
+        self._latencies: dict[tuple[str, str], _HistogramTally] = {}
+        # labels() looks children up by string each time; caching keeps it off the hot path.
+        self._request_counters: dict[tuple[str, str, int], Counter] = {}
+
+    def _count(self, counter: Counter) -> None:
+        self._counts[counter] = self._counts.get(counter, 0) + 1
+
+    def request_answered(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one HTTP request by route template, method and status, and time it."""
+        key = (route, method, status)
+        counter = self._request_counters.get(key)
+        if counter is None:
+            counter = self.requests.labels(route=route, method=method, status=status)
+            self._request_counters[key] = counter
+        self._counts[counter] = self._counts.get(counter, 0) + 1
+        latency = self._latencies.get((route, method))
+        if latency is None:
+            latency = _HistogramTally(self.latency.labels(route=route, method=method))
+            self._latencies[(route, method)] = latency
+        latency.observe(seconds)
+
+    def flush(self) -> None:
+        """Hand everything tallied since the last flush to prometheus-client."""
+        counts, self._counts = self._counts, {}
+        for counter, count in counts.items():
+            counter.inc(count)
+        self._acquire_waits.flush()
+        for latency in self._latencies.values():
+            latency.flush()
 
     # PoolEvents
     def acquired(self, wait_seconds: float) -> None:
-        self.acquire_wait.observe(wait_seconds)
+        self._acquire_waits.observe(wait_seconds)
 
     def acquire_timed_out(self) -> None:
-        self.acquire_timeouts.inc()
+        self._count(self.acquire_timeouts)
 
     def acquire_refused(self) -> None:
-        self.acquire_refusals.inc()
+        self._count(self.acquire_refusals)
 
     def connection_opened(self) -> None:
-        self.opened.inc()
+        self._count(self.opened)
 
     def connection_closed(self) -> None:
-        self.closed.inc()
+        self._count(self.closed)
 
     def connection_discarded(self) -> None:
-        self.discarded.inc()
+        self._count(self.discarded)
 
     def transaction_finished(self, *, committed: bool) -> None:
-        (self.committed if committed else self.rolled_back).inc()
+        self._count(self.committed if committed else self.rolled_back)
 
     def transaction_retried(self) -> None:
-        self.retries.inc()
+        self._count(self.retries)
 
     def sample_pool(self, client: DatabaseClient) -> None:
         stats = client.pool_stats()
@@ -148,6 +217,7 @@ class Metrics(PoolEvents):
             async def sample_forever() -> None:
                 while True:
                     self.sample_pool(client)
+                    self.flush()
                     await anyio.sleep(POOL_SAMPLE_SECONDS)
 
             group.start_soon(sample_forever)
@@ -155,11 +225,13 @@ class Metrics(PoolEvents):
                 yield
             finally:
                 group.cancel_scope.cancel()
+                self.flush()
                 for gauge in (self.pool_size, self.pool_idle, self.pool_in_use, self.pool_waiting):
                     gauge.set(0)
                 self.pool_max.set(0)
 
     def exposition(self) -> bytes:
+        self.flush()
         directory = os.environ.get(MULTIPROCESS_DIR_VARIABLE)
         if not directory:
             return generate_latest(self.registry)
@@ -174,9 +246,6 @@ class HTTPMetricsMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
-        # labels() looks children up by string each time; caching keeps it off the hot path.
-        self._counters: dict[tuple[str, str, int], Counter] = {}
-        self._timers: dict[tuple[str, str], Histogram] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -196,17 +265,8 @@ class HTTPMetricsMiddleware:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            method = scope["method"]
-            counter = self._counters.get((template, method, status))
-            if counter is None:
-                counter = self.metrics.requests.labels(route=template, method=method, status=status)
-                self._counters[(template, method, status)] = counter
-            timer = self._timers.get((template, method))
-            if timer is None:
-                timer = self.metrics.latency.labels(route=template, method=method)
-                self._timers[(template, method)] = timer
-            counter.inc()
-            timer.observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self.metrics.request_answered(template, scope["method"], status, elapsed)
 
 
 async def metrics_endpoint(request: Request) -> Response:
