@@ -12,6 +12,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Scope
 
 from sparc.database import (
     APPLICATION_NAME,
@@ -26,7 +27,11 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 def tiny_app(
-    settings: Settings, *, events: PoolEvents | None = None, **endpoints: Endpoint
+    settings: Settings,
+    *,
+    events: PoolEvents | None = None,
+    on_answered: Callable[[Scope, int, float], None] | None = None,
+    **endpoints: Endpoint,
 ) -> Starlette:
     """An app with only the database middleware and the given endpoints at /<name>."""
     client = DatabaseClient(settings, events=events)
@@ -42,7 +47,7 @@ def tiny_app(
     ]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(DatabaseMiddleware, client=client)],
+        middleware=[Middleware(DatabaseMiddleware, client=client, on_answered=on_answered)],
         lifespan=lifespan,
     )
     app.state.client = client

@@ -7,12 +7,17 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Scope
 
 from sparc.app import create_app
-from sparc.database import DatabaseUnavailable
+from sparc.database import DatabaseUnavailable, get_db_client
 from sparc.metrics import _WAIT_BUCKETS, Metrics
 from sparc.settings import Settings
 from tests.conftest import serving
+from tests.dbapp import tiny_app
 from tests.helpers import bearer, register, token_for
 
 pytestmark = pytest.mark.anyio
@@ -118,7 +123,7 @@ async def test_pool_gauges_follow_the_pool(database_url: str) -> None:
     assert value(samples, "sparc_db_pool_in_use") == 0
 
 
-async def test_discarded_connections_and_acquire_timeouts_are_counted(
+async def test_discarded_connections_acquire_timeouts_and_503s_are_counted(
     database_url: str, admin: asyncpg.Connection
 ) -> None:
     settings = Settings(
@@ -127,6 +132,7 @@ async def test_discarded_connections_and_acquire_timeouts_are_counted(
     app = create_app(settings)
     db = app.state.db_client
     async with serving(app) as http:
+        token = await token_for(http, "busy-metrics@example.org")
         with pytest.raises(DatabaseUnavailable):
             async with db.transaction():
                 pid = await db.fetch_val("SELECT pg_backend_pid()")
@@ -135,8 +141,12 @@ async def test_discarded_connections_and_acquire_timeouts_are_counted(
         async with db.transaction():
             await db.fetch_val("SELECT 1")  # holds the only connection
             assert (await http.get("/readyz")).status_code == 503
+            # Refused while authenticating, before routing: still counted under its route.
+            assert (await http.get("/auth/me", headers=bearer(token))).status_code == 503
         samples = await scrape(http)
-    assert value(samples, "sparc_db_pool_acquire_timeouts_total") == 1
+    busy = {"route": "/auth/me", "method": "GET", "status": "503"}
+    assert value(samples, "sparc_http_requests_total", **busy) == 1
+    assert value(samples, "sparc_db_pool_acquire_timeouts_total") == 2
     assert value(samples, "sparc_db_connections_discarded_total") >= 1
     assert value(samples, "sparc_db_connections_closed_total") >= 1
 
@@ -156,7 +166,7 @@ def test_tallied_observations_expose_as_if_observed_directly() -> None:
     for wait in waits:
         metrics.acquired(wait)
         reference.observe(wait)
-    metrics.request_answered("/auth/me", "GET", 200, 0.002)
+    metrics.request_answered({"route": Route("/auth/me", Response), "method": "GET"}, 200, 0.002)
 
     def wait_samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         return {
@@ -175,3 +185,35 @@ def test_tallied_observations_expose_as_if_observed_directly() -> None:
     assert value(samples, "sparc_http_requests_total", **me) == 1
     timed = {"route": "/auth/me", "method": "GET", "le": "0.0025"}
     assert value(samples, "sparc_http_request_duration_seconds_bucket", **timed) == 1
+
+
+async def test_the_status_counted_is_the_one_the_client_got(settings: Settings) -> None:
+    answered: list[tuple[str, int]] = []
+
+    def note(scope: Scope, status: int, seconds: float) -> None:
+        assert seconds >= 0
+        answered.append((scope["path"], status))
+
+    async def fails(request: Request) -> Response:
+        raise RuntimeError("the endpoint broke")
+
+    async def commit_fails(request: Request) -> Response:
+        # A deferred constraint fails at COMMIT: the 200 is replaced by a 500.
+        db = get_db_client()
+        await db.execute(
+            "CREATE TEMPORARY TABLE pairs (id int PRIMARY KEY, partner int REFERENCES pairs "
+            "(id) DEFERRABLE INITIALLY DEFERRED) ON COMMIT DROP"
+        )
+        await db.execute("INSERT INTO pairs VALUES (1, 42)")
+        return JSONResponse({"ok": True})
+
+    async def fine(request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    app = tiny_app(settings, on_answered=note, fails=fails, commit_fails=commit_fails, fine=fine)
+    async with serving(app, raise_app_exceptions=False) as http:
+        assert (await http.get("/fine")).status_code == 200
+        assert (await http.get("/fails")).status_code == 500
+        assert (await http.post("/commit_fails")).status_code == 500
+        assert (await http.get("/nowhere")).status_code == 404
+    assert answered == [("/fine", 200), ("/fails", 500), ("/commit_fails", 500), ("/nowhere", 404)]

@@ -46,8 +46,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             *metrics.routes,
         ],
         middleware=[
-            Middleware(metrics.HTTPMetricsMiddleware, metrics=app_metrics),
-            Middleware(DatabaseMiddleware, client=client),
+            # It also reports every request's route, status and duration to the metrics.
+            Middleware(DatabaseMiddleware, client=client, on_answered=app_metrics.request_answered),
             Middleware(
                 AuthenticationMiddleware,
                 backend=identity.BearerTokenBackend(idle_timeout=settings.token_idle_timeout),

@@ -14,8 +14,8 @@ from __future__ import annotations
 import bisect
 import contextlib
 import os
-import time
 from collections.abc import AsyncIterator
+from typing import cast
 
 import anyio
 from prometheus_client import (
@@ -29,8 +29,8 @@ from prometheus_client import (
 )
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.routing import BaseRoute, Match, Route
+from starlette.types import Scope
 
 from sparc.database import DatabaseClient, PoolEvents
 
@@ -153,8 +153,16 @@ class Metrics(PoolEvents):
     def _count(self, counter: Counter) -> None:
         self._counts[counter] = self._counts.get(counter, 0) + 1
 
-    def request_answered(self, route: str, method: str, status: int, seconds: float) -> None:
-        """Count one HTTP request by route template, method and status, and time it."""
+    def request_answered(self, scope: Scope, status: int, seconds: float) -> None:
+        """Count one HTTP request by route template (not raw path), method and status, and
+        time it. DatabaseMiddleware reports every request here."""
+        matched = scope.get("route")
+        if matched is None:
+            # Answered before routing (a 503 while authenticating, say): find the route it
+            # was for, so it is counted there rather than as unmatched.
+            matched = _route_for(scope)
+        route = getattr(matched, "path", None) or "unmatched"
+        method = scope["method"]
         key = (route, method, status)
         counter = self._request_counters.get(key)
         if counter is None:
@@ -240,33 +248,12 @@ class Metrics(PoolEvents):
         return generate_latest(registry)
 
 
-class HTTPMetricsMiddleware:
-    """Counts every HTTP request by route template (not raw path) and times it."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_noting_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_noting_status)
-        finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            elapsed = time.perf_counter() - started
-            self.metrics.request_answered(template, scope["method"], status, elapsed)
+def _route_for(scope: Scope) -> BaseRoute | None:
+    app = scope.get("app")
+    for route in getattr(getattr(app, "router", None), "routes", ()):
+        if route.matches(scope)[0] is Match.FULL:
+            return cast(BaseRoute, route)
+    return None
 
 
 async def metrics_endpoint(request: Request) -> Response:
