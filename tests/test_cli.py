@@ -19,6 +19,7 @@ from tests.processes import (
     free_port,
     poll,
     postgres_processes_using,
+    run_sparc,
     sparc_env,
     start_serve,
     stop,
@@ -102,14 +103,7 @@ def test_unreachable_database_fails_fast_with_one_line(tmp_path: Path) -> None:
         DATABASE_URL="postgresql://sparc:hunter2@127.0.0.1:9/sparc", DB_CONNECT_TIMEOUT="1"
     )
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "sparc", "serve", "--port", str(free_port())],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_sparc("serve", "--port", str(free_port()), env=env, cwd=tmp_path, timeout=60)
     elapsed = time.monotonic() - started
     assert result.returncode == 1
     assert elapsed < 1 + 5
@@ -120,14 +114,7 @@ def test_unreachable_database_fails_fast_with_one_line(tmp_path: Path) -> None:
 
 
 def test_migrate_works_from_any_directory(cli_database: str, tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "sparc", "migrate"],
-        env=sparc_env(DATABASE_URL=cli_database),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_sparc("migrate", env=sparc_env(DATABASE_URL=cli_database), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     tables = _tables(cli_database)
     assert {"users", "sessions", "alembic_version"} <= tables
@@ -174,13 +161,8 @@ def test_serve_refuses_pools_that_cannot_fit_in_max_connections(
     cli_database: str, tmp_path: Path
 ) -> None:
     env = sparc_env(DATABASE_URL=cli_database, DB_POOL_MAX_SIZE="60")
-    result = subprocess.run(
-        [sys.executable, "-m", "sparc", "serve", "--workers", "2", "--port", str(free_port())],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    result = run_sparc(
+        "serve", "--workers", "2", "--port", str(free_port()), env=env, cwd=tmp_path, timeout=60
     )
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("sparc:")]
