@@ -8,13 +8,15 @@ and a turn handed to a waiter that has just been cancelled is passed on, never l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from random import Random
 
 import anyio
 import httpx
 import pytest
 
-from sparc.database import DatabaseClient, _due_for_recycling, _Turns
+from sparc.database import DatabaseClient, DatabaseUnavailable, _due_for_recycling, _Turns
 from sparc.settings import Settings
 from tests.conftest import poll_until, serving
 from tests.dbapp import hold_connection, query_once, tiny_app
@@ -128,3 +130,37 @@ async def test_connections_are_handed_on_until_asyncpg_would_recycle_them(
             assert not _due_for_recycling(connection)
         finally:
             await client._release(connection, broken=False, session_changed=False)
+
+
+async def test_no_turn_is_lost_or_doubled_under_cancellations_and_timeouts(
+    database_url: str,
+) -> None:
+    settings = Settings(
+        database_url=database_url, pool_min_size=0, pool_max_size=3, pool_timeout=0.05
+    )
+    random = Random(7)
+    async with DatabaseClient(settings) as client:
+
+        async def one(number: int) -> None:
+            pause = {"seconds": random.random() / 100}
+            with contextlib.suppress(DatabaseUnavailable):  # timeouts are part of the storm
+                if number % 3:
+                    await client.fetch_val("SELECT pg_sleep(:seconds)", pause)
+                else:
+                    async with client.transaction():
+                        await client.fetch_val("SELECT pg_sleep(:seconds)", pause)
+
+        for _ in range(10):
+            tasks = [asyncio.ensure_future(one(number)) for number in range(60)]
+            await asyncio.sleep(random.random() / 50)  # let the storm get going, then cut
+            for task in random.sample(tasks, 20):
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await poll_until(lambda: client.pool_stats().in_use == 0 and not client._cleanups)
+        assert client._turns.take_free() and client._turns.take_free()
+        assert client._turns.take_free()
+        assert not client._turns.take_free()  # exactly three turns: none lost, none doubled
+        for _ in range(3):
+            client._turns.give_back()
+        assert client.pool_stats().waiting == 0
+        assert await client.fetch_val("SELECT 1") == 1
