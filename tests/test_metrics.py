@@ -102,14 +102,20 @@ async def test_request_and_transaction_counts_move(http: httpx.AsyncClient) -> N
     assert value(after, "sparc_db_connections_opened_total") >= 1
 
 
-async def test_unmatched_paths_share_one_label(http: httpx.AsyncClient) -> None:
+async def test_unmatched_paths_and_unknown_methods_share_one_label(
+    http: httpx.AsyncClient,
+) -> None:
     for path in ("/a", "/b/c", "/d"):
         await http.get(path)
+    for method in ("BREW", "WHEN"):
+        assert (await http.request(method, "/healthz")).status_code == 405
     samples = await scrape(http)
     assert (
         value(samples, "sparc_http_requests_total", route="unmatched", method="GET", status="404")
         == 3
     )
+    unknown = {"route": "/healthz", "method": "other", "status": "405"}
+    assert value(samples, "sparc_http_requests_total", **unknown) == 2
 
 
 async def test_pool_gauges_follow_the_pool(database_url: str) -> None:

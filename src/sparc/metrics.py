@@ -42,6 +42,9 @@ _WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
+
+
 class _HistogramTally:
     """Observations kept per bucket until `flush` adds them to a prometheus-client Histogram.
 
@@ -163,6 +166,8 @@ class Metrics(PoolEvents):
             matched = _route_for(scope)
         route = getattr(matched, "path", None) or "unmatched"
         method = scope["method"]
+        if method not in _METHODS:
+            method = "other"  # the client names the method: keep the label set bounded
         key = (route, method, status)
         counter = self._request_counters.get(key)
         if counter is None:
