@@ -1,15 +1,13 @@
 """Alembic environment: runs migrations over asyncpg with the URL from SPARC's settings."""
 
 import asyncio
-import contextlib
-import uuid
 
 from alembic import context
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from sparc.embedded import embedded_postgres
-from sparc.migrations import sqlalchemy_url
+from sparc.database import migration_engine_arguments
+from sparc.embedded import database_settings
 from sparc.settings import load_settings
 
 
@@ -20,19 +18,8 @@ def run_on(connection: Connection) -> None:
 
 
 async def run_async(url: str, connect_timeout: float) -> None:
-    # Behind PgBouncer (transaction mode) a server connection outlives our client connection:
-    # prepared statements must have unique names and not be reused across transactions.
-    engine_url = make_url(sqlalchemy_url(url)).update_query_dict(
-        {"prepared_statement_cache_size": "0"}
-    )
-    engine = create_async_engine(
-        engine_url,
-        connect_args={
-            "timeout": connect_timeout,
-            "statement_cache_size": 0,
-            "prepared_statement_name_func": lambda: f"__sparc_migration_{uuid.uuid4().hex}__",
-        },
-    )
+    engine_url, connect_args = migration_engine_arguments(url, connect_timeout)
+    engine = create_async_engine(engine_url, connect_args=connect_args)
     try:
         async with engine.connect() as connection:
             await connection.run_sync(run_on)
@@ -43,12 +30,13 @@ async def run_async(url: str, connect_timeout: float) -> None:
 
 def main() -> None:
     # `sparc migrate` hands its URL over; plain `alembic` reads the settings itself.
-    url = context.config.attributes.get("database_url")
     settings = load_settings()
-    with contextlib.ExitStack() as stack:
-        if url is None:
-            url = settings.database_url or stack.enter_context(embedded_postgres(settings.data_dir))
-        asyncio.run(run_async(url, settings.connect_timeout))
+    url = context.config.attributes.get("database_url")
+    if url is not None:
+        settings = settings.with_database_url(url)
+    with database_settings(settings) as resolved:
+        assert resolved.database_url is not None
+        asyncio.run(run_async(resolved.database_url, resolved.connect_timeout))
 
 
 if context.is_offline_mode():

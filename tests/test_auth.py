@@ -12,6 +12,7 @@ import pytest
 
 from sparc import database
 from sparc.app import create_app
+from sparc.database.unit import UnitOfWork
 from sparc.settings import Settings
 from tests.conftest import serving
 from tests.helpers import PASSWORD, assert_problem, bearer, login, register, token_for
@@ -179,13 +180,13 @@ async def test_me_runs_no_transaction(settings: Settings, admin: asyncpg.Connect
         token = await token_for(http, "fast@example.org")
         db = app.state.db_client
         seen_in_transaction: list[bool] = []
-        original = database._UnitOfWork.end
+        original = UnitOfWork.end
 
-        async def recording_end(self: database._UnitOfWork, *, commit: bool) -> None:
+        async def recording_end(self: UnitOfWork, *, commit: bool) -> None:
             seen_in_transaction.append(self.in_transaction)
             await original(self, commit=commit)
 
-        with mock.patch.object(database._UnitOfWork, "end", recording_end):
+        with mock.patch.object(UnitOfWork, "end", recording_end):
             assert (await http.get("/auth/me", headers=bearer(token))).status_code == 200
         assert seen_in_transaction and not any(seen_in_transaction)
         assert db.pool_stats().in_use == 0

@@ -217,11 +217,11 @@ async def test_iterate_left_early_outside_a_unit_of_work_leaks_nothing(
 
 
 async def test_named_parameters_are_whole_words() -> None:
-    from sparc.database import _compile_text
+    from sparc.database.sql import compile_text
 
-    assert _compile_text("SELECT ':abc:'") == ("SELECT ':abc:'", ())
-    assert _compile_text("SELECT :ab:c") == ("SELECT :ab:c", ())
-    assert _compile_text("SELECT :a, :b::int, :a") == ("SELECT $1, $2::int, $1", ("a", "b"))
+    assert compile_text("SELECT ':abc:'") == ("SELECT ':abc:'", ())
+    assert compile_text("SELECT :ab:c") == ("SELECT :ab:c", ())
+    assert compile_text("SELECT :a, :b::int, :a") == ("SELECT $1, $2::int, $1", ("a", "b"))
 
 
 async def test_execute_many_refuses_core_value_sets_with_different_keys(

@@ -1,6 +1,6 @@
 """The pool's connection turns: first come, first served, each waiter bounded by DB_POOL_TIMEOUT.
 
-All waiters share one timer (see sparc.database._Turns); these tests pin down what that must
+All waiters share one timer (see sparc.database.turns.Turns); these tests pin down what that must
 never change: nobody times out before their own DB_POOL_TIMEOUT is up, nobody long after it,
 and a turn handed to a waiter that has just been cancelled is passed on, never lost.
 """
@@ -16,7 +16,9 @@ import anyio
 import httpx
 import pytest
 
-from sparc.database import DatabaseClient, DatabaseUnavailable, _due_for_recycling, _Turns
+from sparc.database import DatabaseClient, DatabaseUnavailable
+from sparc.database._asyncpg import due_for_recycling
+from sparc.database.turns import Turns
 from sparc.settings import Settings
 from tests.conftest import poll_until, serving
 from tests.dbapp import hold_connection, query_once, tiny_app
@@ -57,7 +59,7 @@ async def test_each_waiter_times_out_at_its_own_deadline(database_url: str) -> N
 
 
 async def test_a_turn_granted_to_a_cancelled_waiter_goes_to_the_next() -> None:
-    turns = _Turns(1, timeout=30)
+    turns = Turns(1, timeout=30)
     assert turns.take_free()
     first = asyncio.ensure_future(turns.take())
     second = asyncio.ensure_future(turns.take())
@@ -72,7 +74,7 @@ async def test_a_turn_granted_to_a_cancelled_waiter_goes_to_the_next() -> None:
 
 
 async def test_a_waiter_that_left_does_not_hold_up_the_queue() -> None:
-    turns = _Turns(1, timeout=30)
+    turns = Turns(1, timeout=30)
     assert turns.take_free()
     leaving = asyncio.ensure_future(turns.take())
     staying = asyncio.ensure_future(turns.take())
@@ -86,7 +88,7 @@ async def test_a_waiter_that_left_does_not_hold_up_the_queue() -> None:
 
 
 async def test_waiters_time_out_in_order_and_the_rest_keep_waiting() -> None:
-    turns = _Turns(1, timeout=0.3)
+    turns = Turns(1, timeout=0.3)
     assert turns.take_free()
     first = asyncio.ensure_future(turns.take())
     await asyncio.sleep(0.15)  # the second arrives later on purpose, not to wait
@@ -100,7 +102,7 @@ async def test_waiters_time_out_in_order_and_the_rest_keep_waiting() -> None:
 
 async def test_a_connection_handed_to_a_cancelled_waiter_goes_to_the_next_or_back() -> None:
     orphans: list[object] = []
-    turns = _Turns(1, timeout=30, on_orphan=orphans.append)
+    turns = Turns(1, timeout=30, on_orphan=orphans.append)
     connection = object()
     assert turns.take_free()
     first = asyncio.ensure_future(turns.take())
@@ -125,11 +127,11 @@ async def test_connections_are_handed_on_until_asyncpg_would_recycle_them(
     # Reads asyncpg's own count; should a new asyncpg lay it out differently, every release
     # goes through its pool again (correct, only slower) and this test says so.
     async with DatabaseClient(Settings(database_url=database_url, pool_max_size=1)) as client:
-        connection = await client._acquire()
+        connection = await client.pool.acquire()
         try:
-            assert not _due_for_recycling(connection)
+            assert not due_for_recycling(connection)
         finally:
-            await client._release(connection, broken=False, session_changed=False)
+            await client.pool.release(connection, broken=False, session_changed=False)
 
 
 async def test_no_turn_is_lost_or_doubled_under_cancellations_and_timeouts(
@@ -156,11 +158,13 @@ async def test_no_turn_is_lost_or_doubled_under_cancellations_and_timeouts(
             for task in random.sample(tasks, 20):
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        await poll_until(lambda: client.pool_stats().in_use == 0 and not client._cleanups)
-        assert client._turns.take_free() and client._turns.take_free()
-        assert client._turns.take_free()
-        assert not client._turns.take_free()  # exactly three turns: none lost, none doubled
+        await poll_until(
+            lambda: client.pool_stats().in_use == 0 and not client.pool.cleanups_running
+        )
+        assert client.pool.turns.take_free() and client.pool.turns.take_free()
+        assert client.pool.turns.take_free()
+        assert not client.pool.turns.take_free()  # exactly three turns: none lost, none doubled
         for _ in range(3):
-            client._turns.give_back()
+            client.pool.turns.give_back()
         assert client.pool_stats().waiting == 0
         assert await client.fetch_val("SELECT 1") == 1

@@ -10,7 +10,8 @@ import pytest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from sparc.database import _changes_session, get_db_client
+from sparc.database import get_db_client
+from sparc.database.sql import changes_session
 from sparc.settings import Settings
 from tests.conftest import serving
 from tests.dbapp import sparc_connections, tiny_app
@@ -44,7 +45,7 @@ pytestmark = pytest.mark.anyio
     ],
 )
 def test_statements_that_may_change_the_session_are_recognised(sql: str, changes: bool) -> None:
-    assert _changes_session(sql) is changes
+    assert changes_session(sql) is changes
 
 
 async def last_statement(admin: asyncpg.Connection) -> str:

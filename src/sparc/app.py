@@ -12,6 +12,7 @@ from starlette.middleware.authentication import AuthenticationMiddleware
 
 from sparc import audit, auth, health, identity, metrics, openapi, sessions
 from sparc.database import DatabaseClient, DatabaseMiddleware
+from sparc.embedded import database_settings_async
 from sparc.problems import Problem, handle_http_exception, handle_problem, handle_server_error
 from sparc.security import PasswordHasher
 from sparc.settings import Settings, load_settings
@@ -28,12 +29,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await client.connect()
-        try:
-            async with app_metrics.sampling(client):
-                yield
-        finally:
-            await client.disconnect()
+        # With no DATABASE_URL, the embedded PostgreSQL runs as long as the app does.
+        async with database_settings_async(settings) as resolved:
+            await client.connect(database_url=resolved.database_url)
+            try:
+                async with app_metrics.sampling(client):
+                    yield
+            finally:
+                await client.disconnect()
 
     app = Starlette(
         # Routes are matched in order: the busiest first.

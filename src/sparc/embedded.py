@@ -6,8 +6,12 @@ import contextlib
 import logging
 import subprocess
 import warnings
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+
+import anyio.to_thread
+
+from sparc.settings import Settings
 
 logger = logging.getLogger("sparc.embedded")
 
@@ -38,3 +42,27 @@ def embedded_postgres(data_dir: Path, database: str = DATABASE_NAME) -> Iterator
         yield server.get_uri(database=database)
     finally:
         server.cleanup()
+
+
+@contextlib.contextmanager
+def database_settings(settings: Settings) -> Iterator[Settings]:
+    """`settings` with a database URL: as given, or the embedded PostgreSQL's for this block."""
+    if settings.database_url is not None:
+        yield settings
+        return
+    with embedded_postgres(settings.data_dir) as url:
+        yield settings.with_database_url(url)
+
+
+@contextlib.asynccontextmanager
+async def database_settings_async(settings: Settings) -> AsyncIterator[Settings]:
+    """database_settings() for async code: the server starts and stops in a worker thread."""
+    if settings.database_url is not None:
+        yield settings
+        return
+    stack = contextlib.ExitStack()
+    resolved = await anyio.to_thread.run_sync(stack.enter_context, database_settings(settings))
+    try:
+        yield resolved
+    finally:
+        await anyio.to_thread.run_sync(stack.close)

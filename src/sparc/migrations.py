@@ -32,11 +32,3 @@ def upgrade(database_url: str, revision: str = "head") -> None:
 
 def downgrade(database_url: str, revision: str = "base") -> None:
     command.downgrade(alembic_config(database_url), revision)
-
-
-def sqlalchemy_url(url: str) -> str:
-    """The same address as a SQLAlchemy URL using the asyncpg driver (no second driver)."""
-    for prefix in ("postgresql+asyncpg://", "postgresql://"):
-        if url.startswith(prefix):
-            return "postgresql+asyncpg://" + url[len(prefix) :]
-    raise ValueError("not a postgresql:// URL")

@@ -1,0 +1,108 @@
+"""The driver boundary: the reach into encode/databases, and the one translation table."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+
+from sparc.database import (
+    DatabaseUnavailable,
+    QueryError,
+    StatementTimeout,
+    TransactionConflict,
+    UniqueViolation,
+)
+from sparc.database._asyncpg import (
+    DriverDatabase,
+    connection_lost,
+    migration_engine_arguments,
+    translate,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_the_asyncpg_pool_is_found_inside_encode_databases(database_url: str) -> None:
+    # Reads encode/databases' private backend: should a new release lay it out differently,
+    # this fails here rather than every request failing later.
+    database = DriverDatabase(
+        database_url,
+        min_size=1,
+        max_size=2,
+        connect_timeout=5,
+        max_idle=60,
+        statement_cache_size=0,
+        server_settings={"application_name": "sparc-driver-test"},
+        on_connection_opened=lambda: None,
+        on_connection_closed=lambda: None,
+    )
+    pool = await database.connect()
+    try:
+        assert isinstance(pool, asyncpg.Pool)
+        assert (pool.get_min_size(), pool.get_max_size()) == (1, 2)
+        connection = await pool.acquire()
+        try:
+            assert await connection.fetchval("SELECT current_setting('application_name')") == (
+                "sparc-driver-test"
+            )
+        finally:
+            await pool.release(connection, timeout=None)
+    finally:
+        await database.disconnect()
+
+
+def postgres_error(cls: type[asyncpg.PostgresError], **fields: str) -> asyncpg.PostgresError:
+    # Built the way asyncpg builds it from a server message: the class follows the SQLSTATE.
+    return cls.new({"C": cls.sqlstate, "M": "boom", **fields})  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("driver_error", "error", "lost"),
+    [
+        (postgres_error(asyncpg.QueryCanceledError), StatementTimeout, False),
+        (postgres_error(asyncpg.exceptions.AdminShutdownError), DatabaseUnavailable, True),
+        (postgres_error(asyncpg.exceptions.CannotConnectNowError), DatabaseUnavailable, True),
+        (postgres_error(asyncpg.exceptions.ConnectionDoesNotExistError), DatabaseUnavailable, True),
+        (asyncpg.InterfaceError("closed"), DatabaseUnavailable, True),
+        (ConnectionResetError("reset"), DatabaseUnavailable, True),
+        (postgres_error(asyncpg.exceptions.SerializationError), TransactionConflict, False),
+        (postgres_error(asyncpg.exceptions.DeadlockDetectedError), TransactionConflict, False),
+        (postgres_error(asyncpg.UniqueViolationError, n="users_email"), UniqueViolation, False),
+        (postgres_error(asyncpg.exceptions.UndefinedTableError), QueryError, False),
+    ],
+)
+def test_each_driver_error_has_one_meaning(
+    driver_error: BaseException, error: type[Exception], lost: bool
+) -> None:
+    translated = translate(driver_error)
+    assert type(translated) is error
+    assert connection_lost(driver_error) is lost
+    if isinstance(translated, QueryError):
+        assert translated.sqlstate == getattr(driver_error, "sqlstate", None)
+
+
+def test_a_unique_violation_names_its_constraint() -> None:
+    translated = translate(postgres_error(asyncpg.UniqueViolationError, n="users_email"))
+    assert isinstance(translated, UniqueViolation)
+    assert (translated.sqlstate, translated.constraint) == ("23505", "users_email")
+
+
+def test_while_connecting_every_driver_error_means_unavailable() -> None:
+    refused = postgres_error(asyncpg.exceptions.InvalidCatalogNameError)
+    translated = translate(refused, connecting=True)
+    assert type(translated) is DatabaseUnavailable
+    assert "boom" in str(translated)
+
+
+def test_what_is_not_the_drivers_is_left_alone() -> None:
+    assert translate(ValueError("mine")) is None
+    assert not connection_lost(ValueError("mine"))
+
+
+def test_migrations_use_unique_statement_names_and_no_cache() -> None:
+    url, connect_args = migration_engine_arguments("postgresql://u@h/db", 3.0)
+    assert url.drivername == "postgresql+asyncpg"
+    assert url.query["prepared_statement_cache_size"] == "0"
+    assert connect_args["statement_cache_size"] == 0
+    names = connect_args["prepared_statement_name_func"]
+    assert names() != names()
