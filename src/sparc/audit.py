@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from sparc.clients import client_ip, client_user_agent
 from sparc.database import get_db_client
 from sparc.identity import current_user
 from sparc.problems import Problem
+from sparc.security import email_digest
 
 EVENT_TYPES = (
     "register",
@@ -25,20 +26,6 @@ EVENT_TYPES = (
 )
 PAGE_SIZE_DEFAULT = 20
 PAGE_SIZE_MAX = 100
-USER_AGENT_MAX = 512
-
-
-def client_ip(conn: HTTPConnection) -> str | None:
-    return conn.client.host if conn.client else None
-
-
-def client_user_agent(conn: HTTPConnection) -> str | None:
-    return conn.headers.get("user-agent", "")[:USER_AGENT_MAX] or None
-
-
-def email_digest(email: str) -> bytes:
-    """How the log names an email it cannot tie to an account: never the address itself."""
-    return hashlib.sha256(email.strip().lower().encode()).digest()
 
 
 async def record(

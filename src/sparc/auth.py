@@ -10,6 +10,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sparc import audit
+from sparc.clients import client_ip, client_user_agent
 from sparc.database import get_db_client, retry_on_conflict
 from sparc.identity import BEARER_CHALLENGE, current_user
 from sparc.payloads import FieldErrors, read_json_object
@@ -99,7 +100,7 @@ async def login(request: Request) -> Response:
     errors.raise_if_any()
     db = get_db_client()
     hasher, throttle = _hasher(request), _throttle(request)
-    ip = audit.client_ip(request)
+    ip = client_ip(request)
     # Take the hashing slot before the first query, so logins queued for CPU hold no connection.
     async with hasher.slot():
         retry_after = await throttle.retry_after(email, ip)
@@ -147,7 +148,7 @@ async def login(request: Request) -> Response:
             "user_id": user["id"],
             "token_hash": token_hash,
             "lifetime": timedelta(seconds=_settings(request).token_ttl),
-            "user_agent": audit.client_user_agent(request),
+            "user_agent": client_user_agent(request),
             "ip": ip,
         },
     )
@@ -184,7 +185,7 @@ async def change_password(request: Request) -> Response:
     errors.raise_if_any()
     db = get_db_client()
     hasher, throttle = _hasher(request), _throttle(request)
-    ip = audit.client_ip(request)
+    ip = client_ip(request)
     async with hasher.slot():
         # A stolen token must not turn into unlimited password guesses.
         retry_after = await throttle.retry_after(user.email, ip)

@@ -1,4 +1,4 @@
-"""Security primitives: Argon2id password hashing off the event loop, and bearer tokens."""
+"""Security primitives: Argon2id hashes off the event loop, bearer tokens, email digests."""
 
 from __future__ import annotations
 
@@ -102,3 +102,9 @@ def new_token() -> tuple[str, bytes]:
 
 def hash_token(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
+
+
+def email_digest(email: str) -> bytes:
+    """How an email is named where the address itself must not be kept (the audit log, the login
+    throttle): the same for every letter case and surrounding space."""
+    return hashlib.sha256(email.strip().lower().encode()).digest()
