@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import os
 from collections.abc import AsyncIterator
 from typing import cast
 
@@ -33,8 +32,8 @@ from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Scope
 
 from sparc.database import DatabaseClient, PoolEvents
+from sparc.settings import metrics_directory
 
-MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 # How often each worker copies its pool's figures into the gauges.
 POOL_SAMPLE_SECONDS = 1.0
 
@@ -245,8 +244,8 @@ class Metrics(PoolEvents):
 
     def exposition(self) -> bytes:
         self.flush()
-        directory = os.environ.get(MULTIPROCESS_DIR_VARIABLE)
-        if not directory:
+        directory = metrics_directory()
+        if directory is None:
             return generate_latest(self.registry)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]

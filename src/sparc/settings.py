@@ -13,6 +13,11 @@ from urllib.parse import urlsplit, urlunsplit
 import platformdirs
 from environs import Env
 
+# Set by `sparc serve` for its workers, so each can state the service's whole connection bound.
+WORKERS_VARIABLE = "SPARC_WORKERS"
+# prometheus_client's own: where every worker writes its metrics. prometheus_client reads it when
+# first imported, so `sparc serve` sets it before that.
+METRICS_DIRECTORY_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 ALLOWED_URL_SCHEMES = ("postgresql", "postgresql+asyncpg")
 DEFAULT_DATA_DIR = Path(platformdirs.user_data_dir("sparc"))
 DEFAULT_HASH_CONCURRENCY = os.cpu_count() or 1
@@ -171,6 +176,18 @@ def load_settings(
         argon2_memory_kib=reader.integer("SPARC_ARGON2_MEMORY_KIB", 19 * 1024, minimum=8),
         argon2_parallelism=reader.integer("SPARC_ARGON2_PARALLELISM", 1, minimum=1),
     )
+
+
+def serve_workers(environ: Mapping[str, str] | None = None) -> int:
+    """How many worker processes `sparc serve` runs this app in; 1 when it was not started so."""
+    environ = os.environ if environ is None else environ
+    return int(environ.get(WORKERS_VARIABLE) or 1)
+
+
+def metrics_directory(environ: Mapping[str, str] | None = None) -> str | None:
+    """The directory the workers share their metrics through, or None for a single process."""
+    environ = os.environ if environ is None else environ
+    return environ.get(METRICS_DIRECTORY_VARIABLE) or None
 
 
 class _Reader:
