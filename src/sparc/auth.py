@@ -15,29 +15,13 @@ from sparc.database import get_db_client, retry_on_conflict
 from sparc.identity import BEARER_CHALLENGE, current_user
 from sparc.payloads import FieldErrors, read_json_object
 from sparc.problems import Problem
-from sparc.security import PasswordHasher, new_token
-from sparc.settings import Settings
-from sparc.throttle import LoginThrottle
+from sparc.security import new_token
+from sparc.state import login_throttle_of, password_hasher_of, settings_of
 
 PASSWORD_MIN_LENGTH = 8
 PASSWORD_MAX_LENGTH = 256
 EMAIL_MAX_LENGTH = 254
 _EMAIL_SHAPE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
-
-
-def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-def _hasher(request: Request) -> PasswordHasher:
-    hasher: PasswordHasher = request.app.state.password_hasher
-    return hasher
-
-
-def _throttle(request: Request) -> LoginThrottle:
-    throttle: LoginThrottle = request.app.state.login_throttle
-    return throttle
 
 
 def _check_email(errors: FieldErrors, body: dict[str, object]) -> str:
@@ -75,7 +59,7 @@ async def register(request: Request) -> Response:
     password = _check_new_password(errors, body, "password")
     errors.raise_if_any()
     # Hash before the first query: the request holds no pooled connection while it burns CPU.
-    password_hash = await _hasher(request).hash(password)
+    password_hash = await password_hasher_of(request).hash(password)
     # ON CONFLICT, not a caught UniqueViolation: a failed statement would doom the transaction.
     row = await get_db_client().fetch_one(
         """
@@ -99,7 +83,7 @@ async def login(request: Request) -> Response:
     password = _check_given_password(errors, body, "password")
     errors.raise_if_any()
     db = get_db_client()
-    hasher, throttle = _hasher(request), _throttle(request)
+    hasher, throttle = password_hasher_of(request), login_throttle_of(request)
     ip = client_ip(request)
     # Take the hashing slot before the first query, so logins queued for CPU hold no connection.
     async with hasher.slot():
@@ -147,7 +131,7 @@ async def login(request: Request) -> Response:
         {
             "user_id": user["id"],
             "token_hash": token_hash,
-            "lifetime": timedelta(seconds=_settings(request).token_ttl),
+            "lifetime": timedelta(seconds=settings_of(request).token_ttl),
             "user_agent": client_user_agent(request),
             "ip": ip,
         },
@@ -184,7 +168,7 @@ async def change_password(request: Request) -> Response:
     new = _check_new_password(errors, body, "new_password")
     errors.raise_if_any()
     db = get_db_client()
-    hasher, throttle = _hasher(request), _throttle(request)
+    hasher, throttle = password_hasher_of(request), login_throttle_of(request)
     ip = client_ip(request)
     async with hasher.slot():
         # A stolen token must not turn into unlimited password guesses.

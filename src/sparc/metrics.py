@@ -33,6 +33,7 @@ from starlette.types import Scope
 
 from sparc.database import DatabaseClient, PoolEvents
 from sparc.settings import metrics_directory
+from sparc.state import metrics_of
 
 # How often each worker copies its pool's figures into the gauges.
 POOL_SAMPLE_SECONDS = 1.0
@@ -261,8 +262,7 @@ def _route_for(scope: Scope) -> BaseRoute | None:
 
 
 async def metrics_endpoint(request: Request) -> Response:
-    metrics: Metrics = request.app.state.metrics
-    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics_of(request).exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 routes = [Route("/metrics", metrics_endpoint, methods=["GET"])]

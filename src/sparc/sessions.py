@@ -13,13 +13,13 @@ from sparc import audit
 from sparc.database import get_db_client, retry_on_conflict
 from sparc.identity import current_user
 from sparc.problems import Problem
-from sparc.settings import Settings
+from sparc.state import settings_of
 
 
 async def list_sessions(request: Request) -> Response:
     """The caller's live sessions (unexpired and not idle), newest first."""
     user = current_user(request)
-    settings: Settings = request.app.state.settings
+    settings = settings_of(request)
     rows = await get_db_client().fetch_all(
         """
         SELECT id, created_at, last_seen_at, expires_at, user_agent, host(ip) AS ip
