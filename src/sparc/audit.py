@@ -11,6 +11,7 @@ from starlette.routing import Route
 from sparc.clients import client_ip, client_user_agent
 from sparc.database import get_db_client
 from sparc.identity import current_user
+from sparc.openapi_parts import Operations, json_answer, operation, problem_answer
 from sparc.problems import Problem
 from sparc.security import email_digest
 
@@ -102,3 +103,31 @@ async def list_events(request: Request) -> Response:
 
 
 routes = [Route("/auth/events", list_events, methods=["GET"])]
+operations: Operations = {
+    list_events: operation(
+        "The caller's audit events, newest first",
+        {
+            "200": json_answer("EventPage", "One page of events."),
+            "422": problem_answer("`limit` or `before` is invalid."),
+        },
+        secured=True,
+        parameters=[
+            {
+                "name": "limit",
+                "in": "query",
+                "schema": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": PAGE_SIZE_MAX,
+                    "default": PAGE_SIZE_DEFAULT,
+                },
+            },
+            {
+                "name": "before",
+                "in": "query",
+                "description": "`next_before` of the previous page.",
+                "schema": {"type": "integer"},
+            },
+        ],
+    )
+}

@@ -13,6 +13,7 @@ from sparc import audit
 from sparc.clients import client_ip, client_user_agent
 from sparc.database import get_db_client, retry_on_conflict
 from sparc.identity import BEARER_CHALLENGE, current_user
+from sparc.openapi_parts import NO_CONTENT, Operations, json_answer, operation, problem_answer
 from sparc.payloads import FieldErrors, read_json_object
 from sparc.problems import Problem
 from sparc.security import new_token
@@ -20,6 +21,9 @@ from sparc.state import login_throttle_of, password_hasher_of, settings_of
 
 PASSWORD_MIN_LENGTH = 8
 PASSWORD_MAX_LENGTH = 256
+# A password being checked (at login, or the current one) only needs to be there: it is bounded
+# by PASSWORD_MAX_LENGTH alone, so nobody can make us hash megabytes.
+GIVEN_PASSWORD_MIN_LENGTH = 1
 EMAIL_MAX_LENGTH = 254
 _EMAIL_SHAPE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
@@ -39,8 +43,9 @@ def _check_new_password(errors: FieldErrors, body: dict[str, object], field: str
 
 
 def _check_given_password(errors: FieldErrors, body: dict[str, object], field: str) -> str:
-    # A password being checked only needs a bound, so nobody can make us hash megabytes.
-    return errors.string(body, field, min_length=1, max_length=PASSWORD_MAX_LENGTH)
+    return errors.string(
+        body, field, min_length=GIVEN_PASSWORD_MIN_LENGTH, max_length=PASSWORD_MAX_LENGTH
+    )
 
 
 def _throttled(retry_after: int) -> Problem:
@@ -205,3 +210,33 @@ routes = [
     Route("/auth/logout", logout, methods=["POST"]),
     Route("/auth/password", change_password, methods=["POST"]),
 ]
+_THROTTLED = {
+    "429": problem_answer("Too many failed logins; retry after `Retry-After` s.", retry_after=True)
+}
+operations: Operations = {
+    register: operation(
+        "Create an account",
+        {
+            "201": json_answer("Account", "The account was created."),
+            "409": problem_answer("An account with this email (in any letter case) exists."),
+        },
+        body="Registration",
+    ),
+    login: operation(
+        "Log in and get a bearer token",
+        {
+            "200": json_answer("Token", "A new session's token (shown only this once)."),
+            "401": problem_answer("Wrong email or password (the same answer for both)."),
+            **_THROTTLED,
+        },
+        body="Credentials",
+    ),
+    me: operation("The caller's account", {"200": json_answer("Me", "The caller.")}, secured=True),
+    logout: operation("End this session", {"204": NO_CONTENT}, secured=True),
+    change_password: operation(
+        "Change the password; every other session ends",
+        {"204": NO_CONTENT, **_THROTTLED},
+        body="PasswordChange",
+        secured=True,
+    ),
+}

@@ -9,6 +9,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sparc.database import get_db_client
+from sparc.openapi_parts import Operations, json_answer, operation
 from sparc.settings import serve_workers
 
 
@@ -40,3 +41,10 @@ routes = [
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
 ]
+operations: Operations = {
+    healthz: operation("Liveness: the process runs", {"200": json_answer("Health", "Alive.")}),
+    readyz: operation(
+        "Readiness: a pooled connection answers",
+        {"200": json_answer("Ready", "Ready, with the pool's figures.")},
+    ),
+}

@@ -32,6 +32,7 @@ from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Scope
 
 from sparc.database import DatabaseClient, PoolEvents
+from sparc.openapi_parts import Operations, operation
 from sparc.settings import metrics_directory
 from sparc.state import metrics_of
 
@@ -266,3 +267,15 @@ async def metrics_endpoint(request: Request) -> Response:
 
 
 routes = [Route("/metrics", metrics_endpoint, methods=["GET"])]
+operations: Operations = {
+    metrics_endpoint: operation(
+        "Prometheus metrics of every worker",
+        {
+            "200": {
+                # The exposition format's version is whichever prometheus-client writes.
+                "description": f"Prometheus text exposition format ({CONTENT_TYPE_LATEST}).",
+                "content": {CONTENT_TYPE_LATEST.partition(";")[0]: {"schema": {"type": "string"}}},
+            }
+        },
+    )
+}

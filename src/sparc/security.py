@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import secrets
 from collections.abc import AsyncIterator
@@ -17,6 +18,8 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sparc.settings import Settings
 
 TOKEN_BYTES = 32
+# token_urlsafe writes TOKEN_BYTES as base64 without padding: 4 characters for every 3 bytes.
+TOKEN_LENGTH = math.ceil(TOKEN_BYTES * 4 / 3)
 
 _holding_slot: ContextVar[bool] = ContextVar("sparc_holding_hash_slot", default=False)
 
