@@ -191,7 +191,13 @@ def metrics_directory(environ: Mapping[str, str] | None = None) -> str | None:
 
 
 class _Reader:
-    """Turns raw strings into typed values, each failure a SettingsError naming the variable."""
+    """Turns raw strings into typed values, each failure a SettingsError naming the variable.
+
+    Hand-written, not environs' Env.int/bool/path/timedelta: those read only the process
+    environment (load_settings also takes a plain mapping), leave the value out of their
+    messages, refuse a blank value instead of taking the default, and differ on what they
+    accept (booleans' letter case, `~` in paths, "2 H", negative durations).
+    """
 
     def __init__(self, lookup: Callable[[str], str | None]) -> None:
         self._lookup = lookup
