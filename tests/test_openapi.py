@@ -62,22 +62,18 @@ def _schema(name: str) -> dict[str, Any]:
     return schema
 
 
-def test_new_passwords_have_the_enforced_lengths() -> None:
-    for schema, field in (("Registration", "password"), ("PasswordChange", "new_password")):
-        password = _schema(schema)["properties"][field]
-        assert (password["minLength"], password["maxLength"]) == (
-            PASSWORD_MIN_LENGTH,
-            PASSWORD_MAX_LENGTH,
-        ), schema
-
-
-def test_given_passwords_have_the_enforced_lengths() -> None:
-    for schema, field in (("Credentials", "password"), ("PasswordChange", "current_password")):
-        password = _schema(schema)["properties"][field]
-        assert (password["minLength"], password["maxLength"]) == (
-            GIVEN_PASSWORD_MIN_LENGTH,
-            PASSWORD_MAX_LENGTH,
-        ), schema
+@pytest.mark.parametrize(
+    ("schema", "field", "min_length"),
+    [
+        ("Registration", "password", PASSWORD_MIN_LENGTH),
+        ("PasswordChange", "new_password", PASSWORD_MIN_LENGTH),
+        ("Credentials", "password", GIVEN_PASSWORD_MIN_LENGTH),
+        ("PasswordChange", "current_password", GIVEN_PASSWORD_MIN_LENGTH),
+    ],
+)
+def test_passwords_have_the_enforced_lengths(schema: str, field: str, min_length: int) -> None:
+    password = _schema(schema)["properties"][field]
+    assert (password["minLength"], password["maxLength"]) == (min_length, PASSWORD_MAX_LENGTH)
 
 
 def test_emails_have_the_enforced_maximum_length() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from starlette.applications import Starlette
 from starlette.requests import HTTPConnection
@@ -33,20 +33,16 @@ def set_app_state(
 
 
 def settings_of(conn: HTTPConnection) -> Settings:
-    settings: Settings = conn.app.state.settings
-    return settings
+    return cast(Settings, conn.app.state.settings)
 
 
 def metrics_of(conn: HTTPConnection) -> Metrics:
-    metrics: Metrics = conn.app.state.metrics
-    return metrics
+    return cast("Metrics", conn.app.state.metrics)
 
 
 def password_hasher_of(conn: HTTPConnection) -> PasswordHasher:
-    password_hasher: PasswordHasher = conn.app.state.password_hasher
-    return password_hasher
+    return cast(PasswordHasher, conn.app.state.password_hasher)
 
 
 def login_throttle_of(conn: HTTPConnection) -> LoginThrottle:
-    login_throttle: LoginThrottle = conn.app.state.login_throttle
-    return login_throttle
+    return cast(LoginThrottle, conn.app.state.login_throttle)
