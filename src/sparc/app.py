@@ -16,6 +16,7 @@ from sparc.embedded import database_settings_async
 from sparc.problems import Problem, handle_http_exception, handle_problem, handle_server_error
 from sparc.security import PasswordHasher
 from sparc.settings import Settings, load_settings
+from sparc.state import set_app_state
 from sparc.throttle import LoginThrottle
 
 
@@ -64,13 +65,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
         },
         lifespan=lifespan,
     )
-    app.state.settings = settings
-    app.state.db_client = client
-    app.state.metrics = app_metrics
-    app.state.password_hasher = PasswordHasher.from_settings(settings)
-    app.state.login_throttle = LoginThrottle(
-        max_failures=settings.login_max_failures,
-        ip_max_failures=settings.login_ip_max_failures,
-        window=settings.login_window,
+    set_app_state(
+        app,
+        settings=settings,
+        db_client=client,
+        metrics=app_metrics,
+        password_hasher=PasswordHasher.from_settings(settings),
+        login_throttle=LoginThrottle(
+            max_failures=settings.login_max_failures,
+            ip_max_failures=settings.login_ip_max_failures,
+            window=settings.login_window,
+        ),
     )
     return app

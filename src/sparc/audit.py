@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from sparc.clients import client_ip, client_user_agent
 from sparc.database import get_db_client
 from sparc.identity import current_user
+from sparc.openapi_parts import Operations, json_answer, operation, problem_answer
 from sparc.problems import Problem
+from sparc.security import email_digest
 
 EVENT_TYPES = (
     "register",
@@ -25,20 +27,6 @@ EVENT_TYPES = (
 )
 PAGE_SIZE_DEFAULT = 20
 PAGE_SIZE_MAX = 100
-USER_AGENT_MAX = 512
-
-
-def client_ip(conn: HTTPConnection) -> str | None:
-    return conn.client.host if conn.client else None
-
-
-def client_user_agent(conn: HTTPConnection) -> str | None:
-    return conn.headers.get("user-agent", "")[:USER_AGENT_MAX] or None
-
-
-def email_digest(email: str) -> bytes:
-    """How the log names an email it cannot tie to an account: never the address itself."""
-    return hashlib.sha256(email.strip().lower().encode()).digest()
 
 
 async def record(
@@ -115,3 +103,31 @@ async def list_events(request: Request) -> Response:
 
 
 routes = [Route("/auth/events", list_events, methods=["GET"])]
+operations: Operations = {
+    list_events: operation(
+        "The caller's audit events, newest first",
+        {
+            "200": json_answer("EventPage", "One page of events."),
+            "422": problem_answer("`limit` or `before` is invalid."),
+        },
+        secured=True,
+        parameters=[
+            {
+                "name": "limit",
+                "in": "query",
+                "schema": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": PAGE_SIZE_MAX,
+                    "default": PAGE_SIZE_DEFAULT,
+                },
+            },
+            {
+                "name": "before",
+                "in": "query",
+                "description": "`next_before` of the previous page.",
+                "schema": {"type": "integer"},
+            },
+        ],
+    )
+}

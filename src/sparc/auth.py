@@ -10,33 +10,22 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sparc import audit
+from sparc.clients import client_ip, client_user_agent
 from sparc.database import get_db_client, retry_on_conflict
 from sparc.identity import BEARER_CHALLENGE, current_user
+from sparc.openapi_parts import NO_CONTENT, Operations, json_answer, operation, problem_answer
 from sparc.payloads import FieldErrors, read_json_object
 from sparc.problems import Problem
-from sparc.security import PasswordHasher, new_token
-from sparc.settings import Settings
-from sparc.throttle import LoginThrottle
+from sparc.security import new_token
+from sparc.state import login_throttle_of, password_hasher_of, settings_of
 
 PASSWORD_MIN_LENGTH = 8
 PASSWORD_MAX_LENGTH = 256
+# A password being checked (at login, or the current one) only needs to be there: it is bounded
+# by PASSWORD_MAX_LENGTH alone, so nobody can make us hash megabytes.
+GIVEN_PASSWORD_MIN_LENGTH = 1
 EMAIL_MAX_LENGTH = 254
 _EMAIL_SHAPE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
-
-
-def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-def _hasher(request: Request) -> PasswordHasher:
-    hasher: PasswordHasher = request.app.state.password_hasher
-    return hasher
-
-
-def _throttle(request: Request) -> LoginThrottle:
-    throttle: LoginThrottle = request.app.state.login_throttle
-    return throttle
 
 
 def _check_email(errors: FieldErrors, body: dict[str, object]) -> str:
@@ -54,8 +43,9 @@ def _check_new_password(errors: FieldErrors, body: dict[str, object], field: str
 
 
 def _check_given_password(errors: FieldErrors, body: dict[str, object], field: str) -> str:
-    # A password being checked only needs a bound, so nobody can make us hash megabytes.
-    return errors.string(body, field, min_length=1, max_length=PASSWORD_MAX_LENGTH)
+    return errors.string(
+        body, field, min_length=GIVEN_PASSWORD_MIN_LENGTH, max_length=PASSWORD_MAX_LENGTH
+    )
 
 
 def _throttled(retry_after: int) -> Problem:
@@ -74,7 +64,7 @@ async def register(request: Request) -> Response:
     password = _check_new_password(errors, body, "password")
     errors.raise_if_any()
     # Hash before the first query: the request holds no pooled connection while it burns CPU.
-    password_hash = await _hasher(request).hash(password)
+    password_hash = await password_hasher_of(request).hash(password)
     # ON CONFLICT, not a caught UniqueViolation: a failed statement would doom the transaction.
     row = await get_db_client().fetch_one(
         """
@@ -98,8 +88,8 @@ async def login(request: Request) -> Response:
     password = _check_given_password(errors, body, "password")
     errors.raise_if_any()
     db = get_db_client()
-    hasher, throttle = _hasher(request), _throttle(request)
-    ip = audit.client_ip(request)
+    hasher, throttle = password_hasher_of(request), login_throttle_of(request)
+    ip = client_ip(request)
     # Take the hashing slot before the first query, so logins queued for CPU hold no connection.
     async with hasher.slot():
         retry_after = await throttle.retry_after(email, ip)
@@ -146,8 +136,8 @@ async def login(request: Request) -> Response:
         {
             "user_id": user["id"],
             "token_hash": token_hash,
-            "lifetime": timedelta(seconds=_settings(request).token_ttl),
-            "user_agent": audit.client_user_agent(request),
+            "lifetime": timedelta(seconds=settings_of(request).token_ttl),
+            "user_agent": client_user_agent(request),
             "ip": ip,
         },
     )
@@ -183,8 +173,8 @@ async def change_password(request: Request) -> Response:
     new = _check_new_password(errors, body, "new_password")
     errors.raise_if_any()
     db = get_db_client()
-    hasher, throttle = _hasher(request), _throttle(request)
-    ip = audit.client_ip(request)
+    hasher, throttle = password_hasher_of(request), login_throttle_of(request)
+    ip = client_ip(request)
     async with hasher.slot():
         # A stolen token must not turn into unlimited password guesses.
         retry_after = await throttle.retry_after(user.email, ip)
@@ -220,3 +210,33 @@ routes = [
     Route("/auth/logout", logout, methods=["POST"]),
     Route("/auth/password", change_password, methods=["POST"]),
 ]
+_THROTTLED = {
+    "429": problem_answer("Too many failed logins; retry after `Retry-After` s.", retry_after=True)
+}
+operations: Operations = {
+    register: operation(
+        "Create an account",
+        {
+            "201": json_answer("Account", "The account was created."),
+            "409": problem_answer("An account with this email (in any letter case) exists."),
+        },
+        body="Registration",
+    ),
+    login: operation(
+        "Log in and get a bearer token",
+        {
+            "200": json_answer("Token", "A new session's token (shown only this once)."),
+            "401": problem_answer("Wrong email or password (the same answer for both)."),
+            **_THROTTLED,
+        },
+        body="Credentials",
+    ),
+    me: operation("The caller's account", {"200": json_answer("Me", "The caller.")}, secured=True),
+    logout: operation("End this session", {"204": NO_CONTENT}, secured=True),
+    change_password: operation(
+        "Change the password; every other session ends",
+        {"204": NO_CONTENT, **_THROTTLED},
+        body="PasswordChange",
+        secured=True,
+    ),
+}

@@ -16,9 +16,15 @@ from typing import TYPE_CHECKING, cast
 
 from sparc.database import DatabaseClient, DatabaseUnavailable
 from sparc.embedded import embedded_postgres
-from sparc.health import WORKERS_VARIABLE
 from sparc.migrations import upgrade
-from sparc.settings import Settings, SettingsError, load_settings
+from sparc.settings import (
+    METRICS_DIRECTORY_VARIABLE,
+    WORKERS_VARIABLE,
+    Settings,
+    SettingsError,
+    load_settings,
+    metrics_directory,
+)
 
 if TYPE_CHECKING:  # uvicorn is imported only by `sparc serve`
     import uvicorn
@@ -26,9 +32,6 @@ if TYPE_CHECKING:  # uvicorn is imported only by `sparc serve`
 
 logger = logging.getLogger("sparc")
 
-# prometheus_client's own variable. It must be set before prometheus_client is first imported,
-# so this module does not import sparc.metrics.
-MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 # uvicorn's exit code for a server that never started (e.g. the app's startup failed).
 STARTUP_FAILURE = 3
 
@@ -178,10 +181,11 @@ def _serve(settings: Settings, *, host: str, port: int, workers: int) -> int:
     os.environ["DATABASE_URL"] = settings.database_url
     os.environ[WORKERS_VARIABLE] = str(workers)
     with contextlib.ExitStack() as stack:
-        if not os.environ.get(MULTIPROCESS_DIR_VARIABLE):
-            # Each worker writes its metrics here, so /metrics on any worker reports them all.
+        # Each worker writes its metrics here, so /metrics on any worker reports them all.
+        # prometheus_client reads it when first imported: this module does not import it.
+        if metrics_directory() is None:
             directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="sparc-metrics-"))
-            os.environ[MULTIPROCESS_DIR_VARIABLE] = directory
+            os.environ[METRICS_DIRECTORY_VARIABLE] = directory
         config = uvicorn.Config(
             "sparc.app:create_app",
             factory=True,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict
 
 from starlette.requests import Request
@@ -10,9 +9,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sparc.database import get_db_client
-
-# Set by `sparc serve` for its workers, so each can state the service's whole connection bound.
-WORKERS_VARIABLE = "SPARC_WORKERS"
+from sparc.openapi_parts import Operations, json_answer, operation
+from sparc.settings import serve_workers
 
 
 async def healthz(request: Request) -> Response:
@@ -27,7 +25,7 @@ async def readyz(request: Request) -> Response:
     # A DatabaseUnavailable raised here becomes a 503 problem in DatabaseMiddleware.
     await db.fetch_one_before_transaction("SELECT 1")
     figures = asdict(pool)
-    workers = int(os.environ.get(WORKERS_VARIABLE) or 1)
+    workers = serve_workers()
     return JSONResponse(
         {
             "status": "ready",
@@ -43,3 +41,10 @@ routes = [
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
 ]
+operations: Operations = {
+    healthz: operation("Liveness: the process runs", {"200": json_answer("Health", "Alive.")}),
+    readyz: operation(
+        "Readiness: a pooled connection answers",
+        {"200": json_answer("Ready", "Ready, with the pool's figures.")},
+    ),
+}

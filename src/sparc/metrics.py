@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import os
 from collections.abc import AsyncIterator
 from typing import cast
 
@@ -33,8 +32,10 @@ from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Scope
 
 from sparc.database import DatabaseClient, PoolEvents
+from sparc.openapi_parts import Operations, operation
+from sparc.settings import metrics_directory
+from sparc.state import metrics_of
 
-MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 # How often each worker copies its pool's figures into the gauges.
 POOL_SAMPLE_SECONDS = 1.0
 
@@ -245,8 +246,8 @@ class Metrics(PoolEvents):
 
     def exposition(self) -> bytes:
         self.flush()
-        directory = os.environ.get(MULTIPROCESS_DIR_VARIABLE)
-        if not directory:
+        directory = metrics_directory()
+        if directory is None:
             return generate_latest(self.registry)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
@@ -262,8 +263,19 @@ def _route_for(scope: Scope) -> BaseRoute | None:
 
 
 async def metrics_endpoint(request: Request) -> Response:
-    metrics: Metrics = request.app.state.metrics
-    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics_of(request).exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 routes = [Route("/metrics", metrics_endpoint, methods=["GET"])]
+operations: Operations = {
+    metrics_endpoint: operation(
+        "Prometheus metrics of every worker",
+        {
+            "200": {
+                # The exposition format's version is whichever prometheus-client writes.
+                "description": f"Prometheus text exposition format ({CONTENT_TYPE_LATEST}).",
+                "content": {CONTENT_TYPE_LATEST.partition(";")[0]: {"schema": {"type": "string"}}},
+            }
+        },
+    )
+}

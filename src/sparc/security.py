@@ -1,9 +1,10 @@
-"""Security primitives: Argon2id password hashing off the event loop, and bearer tokens."""
+"""Security primitives: Argon2id hashes off the event loop, bearer tokens, email digests."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import secrets
 from collections.abc import AsyncIterator
@@ -17,6 +18,8 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sparc.settings import Settings
 
 TOKEN_BYTES = 32
+# token_urlsafe writes TOKEN_BYTES as base64 without padding: 4 characters for every 3 bytes.
+TOKEN_LENGTH = math.ceil(TOKEN_BYTES * 4 / 3)
 
 _holding_slot: ContextVar[bool] = ContextVar("sparc_holding_hash_slot", default=False)
 
@@ -102,3 +105,9 @@ def new_token() -> tuple[str, bytes]:
 
 def hash_token(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
+
+
+def email_digest(email: str) -> bytes:
+    """How an email is named where the address itself must not be kept (the audit log, the login
+    throttle): the same for every letter case and surrounding space."""
+    return hashlib.sha256(email.strip().lower().encode()).digest()

@@ -12,14 +12,22 @@ from starlette.routing import Route
 from sparc import audit
 from sparc.database import get_db_client, retry_on_conflict
 from sparc.identity import current_user
+from sparc.openapi_parts import (
+    NO_CONTENT,
+    Operations,
+    json_answer,
+    operation,
+    problem_answer,
+    string_schema,
+)
 from sparc.problems import Problem
-from sparc.settings import Settings
+from sparc.state import settings_of
 
 
 async def list_sessions(request: Request) -> Response:
     """The caller's live sessions (unexpired and not idle), newest first."""
     user = current_user(request)
-    settings: Settings = request.app.state.settings
+    settings = settings_of(request)
     rows = await get_db_client().fetch_all(
         """
         SELECT id, created_at, last_seen_at, expires_at, user_agent, host(ip) AS ip
@@ -78,3 +86,24 @@ routes = [
     Route("/auth/sessions/{session_id}", revoke_session, methods=["DELETE"]),
     Route("/auth/logout-all", logout_all, methods=["POST"]),
 ]
+operations: Operations = {
+    list_sessions: operation(
+        "The caller's live sessions",
+        {"200": json_answer("SessionList", "Newest first.")},
+        secured=True,
+    ),
+    revoke_session: operation(
+        "Revoke one of the caller's sessions",
+        {"204": NO_CONTENT, "404": problem_answer("The caller has no session with this id.")},
+        secured=True,
+        parameters=[
+            {
+                "name": "session_id",
+                "in": "path",
+                "required": True,
+                "schema": string_schema(format="uuid"),
+            }
+        ],
+    ),
+    logout_all: operation("End every session of the caller", {"204": NO_CONTENT}, secured=True),
+}

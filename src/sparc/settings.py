@@ -13,6 +13,11 @@ from urllib.parse import urlsplit, urlunsplit
 import platformdirs
 from environs import Env
 
+# Set by `sparc serve` for its workers, so each can state the service's whole connection bound.
+WORKERS_VARIABLE = "SPARC_WORKERS"
+# prometheus_client's own: where every worker writes its metrics. prometheus_client reads it when
+# first imported, so `sparc serve` sets it before that.
+METRICS_DIRECTORY_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 ALLOWED_URL_SCHEMES = ("postgresql", "postgresql+asyncpg")
 DEFAULT_DATA_DIR = Path(platformdirs.user_data_dir("sparc"))
 DEFAULT_HASH_CONCURRENCY = os.cpu_count() or 1
@@ -173,8 +178,26 @@ def load_settings(
     )
 
 
+def serve_workers(environ: Mapping[str, str] | None = None) -> int:
+    """How many worker processes `sparc serve` runs this app in; 1 when it was not started so."""
+    environ = os.environ if environ is None else environ
+    return int(environ.get(WORKERS_VARIABLE) or 1)
+
+
+def metrics_directory(environ: Mapping[str, str] | None = None) -> str | None:
+    """The directory the workers share their metrics through, or None for a single process."""
+    environ = os.environ if environ is None else environ
+    return environ.get(METRICS_DIRECTORY_VARIABLE) or None
+
+
 class _Reader:
-    """Turns raw strings into typed values, each failure a SettingsError naming the variable."""
+    """Turns raw strings into typed values, each failure a SettingsError naming the variable.
+
+    Hand-written, not environs' Env.int/bool/path/timedelta: those read only the process
+    environment (load_settings also takes a plain mapping), leave the value out of their
+    messages, refuse a blank value instead of taking the default, and differ on what they
+    accept (booleans' letter case, `~` in paths, "2 H", negative durations).
+    """
 
     def __init__(self, lookup: Callable[[str], str | None]) -> None:
         self._lookup = lookup

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from datetime import timedelta
 
-from sparc.audit import email_digest
 from sparc.database import get_db_client
+from sparc.security import email_digest
 
 # Each lockout of the same key lasts twice as long as the one before, up to 2**6 windows.
 MAX_LOCKOUT_DOUBLINGS = 6
