@@ -15,7 +15,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, cast
 
 from sparc.database import DatabaseClient, DatabaseUnavailable
-from sparc.embedded import embedded_postgres
+from sparc.embedded import database_settings
 from sparc.migrations import upgrade
 from sparc.settings import (
     METRICS_DIRECTORY_VARIABLE,
@@ -141,10 +141,7 @@ def _database(settings: Settings, *, workers: int | None) -> Iterator[Settings]:
     """Resolve the database (starting the embedded one if needed), check it, migrate it.
 
     For `serve` (`workers` given) also check that the pools fit in the server's connections."""
-    with contextlib.ExitStack() as stack:
-        if settings.database_url is None:
-            url = stack.enter_context(embedded_postgres(settings.data_dir))
-            settings = settings.with_database_url(url)
+    with database_settings(settings) as settings:
         asyncio.run(_check_reachable(settings, workers))
         assert settings.database_url is not None
         try:
