@@ -11,13 +11,19 @@ from sparc.database import (
     StatementTimeout,
     TransactionConflict,
     UniqueViolation,
+    WritesRefused,
 )
 from sparc.database._asyncpg import (
     DriverDatabase,
-    connection_lost,
+    Fate,
+    connection_fate,
     migration_engine_arguments,
+    refused_startup_setting,
     translate,
 )
+
+KEEP, DISCARD, LOST = Fate.KEEP, Fate.DISCARD, Fate.LOST
+exceptions = asyncpg.exceptions
 
 pytestmark = pytest.mark.anyio
 
@@ -33,6 +39,7 @@ async def test_the_asyncpg_pool_is_found_inside_encode_databases(database_url: s
         max_idle=60,
         statement_cache_size=0,
         server_settings={"application_name": "sparc-driver-test"},
+        dead_peer_timeout=30,
         on_connection_opened=lambda: None,
         on_connection_closed=lambda: None,
     )
@@ -57,26 +64,36 @@ def postgres_error(cls: type[asyncpg.PostgresError], **fields: str) -> asyncpg.P
 
 
 @pytest.mark.parametrize(
-    ("driver_error", "error", "lost"),
+    ("driver_error", "error", "fate"),
     [
-        (postgres_error(asyncpg.QueryCanceledError), StatementTimeout, False),
-        (postgres_error(asyncpg.exceptions.AdminShutdownError), DatabaseUnavailable, True),
-        (postgres_error(asyncpg.exceptions.CannotConnectNowError), DatabaseUnavailable, True),
-        (postgres_error(asyncpg.exceptions.ConnectionDoesNotExistError), DatabaseUnavailable, True),
-        (asyncpg.InterfaceError("closed"), DatabaseUnavailable, True),
-        (ConnectionResetError("reset"), DatabaseUnavailable, True),
-        (postgres_error(asyncpg.exceptions.SerializationError), TransactionConflict, False),
-        (postgres_error(asyncpg.exceptions.DeadlockDetectedError), TransactionConflict, False),
-        (postgres_error(asyncpg.UniqueViolationError, n="users_email"), UniqueViolation, False),
-        (postgres_error(asyncpg.exceptions.UndefinedTableError), QueryError, False),
+        (postgres_error(asyncpg.QueryCanceledError), StatementTimeout, KEEP),
+        # Class 57: the server shut down, crashed, or does not take connections yet.
+        (postgres_error(exceptions.AdminShutdownError), DatabaseUnavailable, LOST),
+        (postgres_error(exceptions.CrashShutdownError), DatabaseUnavailable, LOST),
+        (postgres_error(exceptions.CannotConnectNowError), DatabaseUnavailable, LOST),
+        # Class 08 and the driver's own: the connection is gone.
+        (postgres_error(exceptions.ConnectionDoesNotExistError), DatabaseUnavailable, LOST),
+        (asyncpg.InterfaceError("closed"), DatabaseUnavailable, LOST),
+        (ConnectionResetError("reset"), DatabaseUnavailable, LOST),
+        # A read-only server: the request may finish its reads, the connection is not reused.
+        (postgres_error(exceptions.ReadOnlySQLTransactionError), WritesRefused, DISCARD),
+        # Class 53 (disk full, out of memory, too many connections) and lock_not_available.
+        (postgres_error(exceptions.DiskFullError), DatabaseUnavailable, KEEP),
+        (postgres_error(exceptions.OutOfMemoryError), DatabaseUnavailable, KEEP),
+        (postgres_error(exceptions.TooManyConnectionsError), DatabaseUnavailable, KEEP),
+        (postgres_error(exceptions.LockNotAvailableError), DatabaseUnavailable, KEEP),
+        (postgres_error(exceptions.SerializationError), TransactionConflict, KEEP),
+        (postgres_error(exceptions.DeadlockDetectedError), TransactionConflict, KEEP),
+        (postgres_error(asyncpg.UniqueViolationError, n="users_email"), UniqueViolation, KEEP),
+        (postgres_error(exceptions.UndefinedTableError), QueryError, KEEP),
     ],
 )
 def test_each_driver_error_has_one_meaning(
-    driver_error: BaseException, error: type[Exception], lost: bool
+    driver_error: BaseException, error: type[Exception], fate: Fate
 ) -> None:
     translated = translate(driver_error)
     assert type(translated) is error
-    assert connection_lost(driver_error) is lost
+    assert connection_fate(driver_error) is fate
     if isinstance(translated, QueryError):
         assert translated.sqlstate == getattr(driver_error, "sqlstate", None)
 
@@ -96,7 +113,15 @@ def test_while_connecting_every_driver_error_means_unavailable() -> None:
 
 def test_what_is_not_the_drivers_is_left_alone() -> None:
     assert translate(ValueError("mine")) is None
-    assert not connection_lost(ValueError("mine"))
+    assert connection_fate(ValueError("mine")) is KEEP
+
+
+def test_pgbouncers_refusal_of_a_startup_setting_is_recognised() -> None:
+    refusal = asyncpg.exceptions.ProtocolViolationError.new(
+        {"C": "08P01", "M": "unsupported startup parameter: statement_timeout"}
+    )
+    assert refused_startup_setting(refusal) == "statement_timeout"
+    assert refused_startup_setting(postgres_error(exceptions.UndefinedTableError)) is None
 
 
 def test_migrations_use_unique_statement_names_and_no_cache() -> None:

@@ -20,9 +20,13 @@ ALLOWED_SPARC_IMPORTS: dict[str, set[str]] = {
     "driver": set(),
     "events": set(),
     "turns": set(),
+    "deadlines": set(),
     "replay": set(),
     "_asyncpg": {"driver", "errors"},
-    "pool": {"_asyncpg", "driver", "errors", "events", "sql", "turns", "sparc.settings"},
+    "pool": {
+        *("_asyncpg", "deadlines", "driver", "errors", "events", "sql", "turns"),
+        "sparc.settings",
+    },
     "unit": {"_asyncpg", "driver", "errors", "pool", "sql"},
     "context": {"client", "unit"},
     "client": {

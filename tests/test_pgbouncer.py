@@ -207,3 +207,15 @@ async def test_a_request_pgbouncer_keeps_waiting_gets_503_at_its_query_wait_time
         assert waited.status_code == 503
         assert waited.headers["content-type"] == "application/problem+json"
         assert "Retry-After" in waited.headers
+
+
+def test_pgbouncer_without_db_pgbouncer_stops_with_one_line_saying_so(
+    pgbouncer: PgBouncer, cli_database: str, tmp_path: Path
+) -> None:
+    env = sparc_env(DATABASE_URL=pgbouncer.url_for(cli_database))
+    result = run_sparc("migrate", env=env, cwd=tmp_path)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.endswith(
+        "refused the startup parameter statement_timeout: is this PgBouncer? set DB_PGBOUNCER=true"
+    ), result.stderr

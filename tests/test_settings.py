@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from sparc.settings import DEFAULT_DATA_DIR, Settings, SettingsError, load_settings
+from sparc.settings import (
+    DEFAULT_DATA_DIR,
+    Settings,
+    SettingsError,
+    database_hosts,
+    load_settings,
+)
 
 
 def test_defaults() -> None:
@@ -42,6 +48,8 @@ def test_every_variable_is_read() -> None:
             "DB_POOL_TIMEOUT": "1.5",
             "DB_CONNECT_TIMEOUT": "3",
             "DB_STATEMENT_TIMEOUT": "0",
+            "DB_COMMAND_TIMEOUT": "90s",
+            "DB_DEAD_PEER_TIMEOUT": "1m",
             "DB_POOL_MAX_IDLE": "60",
             "DB_STATEMENT_CACHE_SIZE": "0",
             "DB_POOL_MAX_WAITING": "50",
@@ -69,6 +77,8 @@ def test_every_variable_is_read() -> None:
         pool_timeout=1.5,
         connect_timeout=3.0,
         statement_timeout=0.0,
+        command_timeout=90.0,
+        dead_peer_timeout=60.0,
         pool_max_idle=60.0,
         statement_cache_size=0,
         pool_max_waiting=50,
@@ -108,6 +118,10 @@ def test_every_variable_is_read() -> None:
         ("DB_CONNECT_TIMEOUT", "inf", "not a duration"),
         ("DB_STATEMENT_TIMEOUT", "-1", "not a duration"),
         ("DB_STATEMENT_TIMEOUT", "5 weeks", "not a duration"),
+        ("DB_COMMAND_TIMEOUT", "0", "more than 0"),
+        ("DB_COMMAND_TIMEOUT", "10s", "must be longer than DB_STATEMENT_TIMEOUT=30s"),
+        ("DB_DEAD_PEER_TIMEOUT", "never", "not a duration"),
+        ("DATABASE_URL", "postgresql://u@db1:5432,db2:x/app", "not a valid URL"),
         ("DB_POOL_MAX_IDLE", "nan", "not a duration"),
         ("DB_STATEMENT_CACHE_SIZE", "-5", "at least 0"),
         ("DB_POOL_MAX_WAITING", "-1", "at least 0"),
@@ -222,3 +236,18 @@ def test_sparc_stops_with_exit_2_and_one_line(tmp_path: Path, variable: str, val
         assert len(lines) == 1, result.stderr
         assert lines[0].startswith(f"sparc: {variable}=")
         assert "pw@" not in lines[0]
+
+
+def test_the_command_deadline_follows_the_statement_timeout_unless_set() -> None:
+    assert load_settings({}).command_deadline == 32.0
+    assert load_settings({"DB_STATEMENT_TIMEOUT": "5"}).command_deadline == 7.0
+    assert load_settings({"DB_STATEMENT_TIMEOUT": "0"}).command_deadline == 60.0
+    assert load_settings({"DB_COMMAND_TIMEOUT": "45"}).command_deadline == 45.0
+    assert load_settings({}).dead_peer_timeout == 30.0
+
+
+def test_several_hosts_for_failover_are_accepted_and_named() -> None:
+    url = "postgresql://u:secret@db1:5432,db2:6432,[::1]/app?target_session_attrs=read-write"
+    settings = load_settings({"DATABASE_URL": url})
+    assert database_hosts(url) == ["db1:5432", "db2:6432", "[::1]:5432"]
+    assert "secret" not in settings.masked_database_url

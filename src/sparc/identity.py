@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -15,13 +17,17 @@ from starlette.authentication import (
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
-from sparc.database import get_db_client
+from sparc.database import DatabaseUnavailable, WritesRefused, get_db_client
 from sparc.problems import Problem, problem_response
 from sparc.security import hash_token
+
+logger = logging.getLogger("sparc.identity")
 
 BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}
 # last_seen_at is written at most this often, so authenticated reads stay reads.
 LAST_SEEN_RESOLUTION = timedelta(minutes=1)
+# After the database refused the last_seen_at write, the next try waits this long.
+WRITES_REFUSED_BACKOFF = timedelta(seconds=10)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +61,28 @@ class BearerTokenBackend(AuthenticationBackend):
 
     def __init__(self, *, idle_timeout: float) -> None:
         self.idle_timeout = timedelta(seconds=idle_timeout)
+        # While the database refuses writes, the bump is not tried again before this.
+        self._writes_refused_until = 0.0
+
+    async def _note_activity(self, session_id: uuid.UUID) -> None:
+        """Move last_seen_at, best effort: a read must not fail because this write did.
+
+        At most once a minute per session, and outside the request's transaction: the activity
+        happened whether or not the request goes on to succeed.
+        """
+        if time.monotonic() < self._writes_refused_until:
+            return
+        try:
+            await get_db_client().fetch_one_before_transaction(
+                "UPDATE sessions SET last_seen_at = now() WHERE id = :id RETURNING id",
+                {"id": session_id},
+            )
+        except WritesRefused:
+            # A read-only database (a switchover, a standby): reads go on; retrying the bump
+            # on every request would only cost each one a failed statement.
+            self._writes_refused_until = time.monotonic() + WRITES_REFUSED_BACKOFF.total_seconds()
+        except DatabaseUnavailable as exc:
+            logger.info("last_seen_at not moved: %s", exc)
 
     async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, BaseUser] | None:
         header = conn.headers.get("authorization")
@@ -80,12 +108,7 @@ class BearerTokenBackend(AuthenticationBackend):
             },
         )
         if row is not None and row["seen_long_ago"]:
-            # At most once a minute per session, and outside the request's transaction: the
-            # activity happened whether or not the request goes on to succeed.
-            await db.fetch_one_before_transaction(
-                "UPDATE sessions SET last_seen_at = now() WHERE id = :id RETURNING id",
-                {"id": row["session_id"]},
-            )
+            await self._note_activity(row["session_id"])
         if row is None:
             return None  # unknown, expired or idle: protected endpoints answer 401
         user = AuthenticatedUser(

@@ -19,6 +19,10 @@ WORKERS_VARIABLE = "SPARC_WORKERS"
 # first imported, so `sparc serve` sets it before that.
 METRICS_DIRECTORY_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 ALLOWED_URL_SCHEMES = ("postgresql", "postgresql+asyncpg")
+# DB_COMMAND_TIMEOUT's default: this much longer than DB_STATEMENT_TIMEOUT, or this long when
+# the statement timeout is off.
+COMMAND_TIMEOUT_MARGIN = 2.0
+COMMAND_TIMEOUT_WITHOUT_STATEMENT_TIMEOUT = 60.0
 DEFAULT_DATA_DIR = Path(platformdirs.user_data_dir("sparc"))
 DEFAULT_HASH_CONCURRENCY = os.cpu_count() or 1
 _DURATION = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?$")
@@ -41,6 +45,13 @@ class Settings:
     connect_timeout: float = 5.0
     # 0 turns the server-side statement_timeout off.
     statement_timeout: float = 30.0
+    # The client-side deadline of every statement (a frozen server cannot cancel anything);
+    # None: DB_STATEMENT_TIMEOUT + 2 s, or 60 s when that is off. See `command_deadline`.
+    command_timeout: float | None = None
+    # A connection whose peer stops answering (a partition: packets dropped, no reset) is given
+    # up after about this long, idle or not: TCP keepalives and TCP_USER_TIMEOUT on both ends.
+    # 0 turns them off.
+    dead_peer_timeout: float = 30.0
     pool_max_idle: float = 300.0
     # asyncpg's per-connection cache of prepared statements; 0 behind PgBouncer.
     statement_cache_size: int = 100
@@ -85,11 +96,27 @@ class Settings:
                 "DB_PGBOUNCER=true: PgBouncer's transaction mode gives each transaction any "
                 "server connection, where asyncpg's cached prepared statements do not exist"
             )
+        if self.command_timeout is not None and self.command_timeout <= self.statement_timeout:
+            raise SettingsError(
+                f"DB_COMMAND_TIMEOUT={self.command_timeout:g}s must be longer than "
+                f"DB_STATEMENT_TIMEOUT={self.statement_timeout:g}s, so that PostgreSQL cancels a "
+                "slow statement before SPARC has to cut its connection"
+            )
         if self.pool_min_size > self.pool_max_size:
             raise SettingsError(
                 f"DB_POOL_MIN_SIZE={self.pool_min_size} is larger than "
                 f"DB_POOL_MAX_SIZE={self.pool_max_size}: the minimum must not exceed the maximum"
             )
+
+    @property
+    def command_deadline(self) -> float:
+        """Seconds SPARC waits for PostgreSQL to answer a statement before it cuts the
+        connection (DB_COMMAND_TIMEOUT)."""
+        if self.command_timeout is not None:
+            return self.command_timeout
+        if self.statement_timeout:
+            return self.statement_timeout + COMMAND_TIMEOUT_MARGIN
+        return COMMAND_TIMEOUT_WITHOUT_STATEMENT_TIMEOUT
 
     @property
     def masked_database_url(self) -> str:
@@ -112,11 +139,28 @@ def mask_password(url: str) -> str:
     return urlunsplit(parts._replace(netloc=userinfo + "@" + netloc[1]))
 
 
+def database_hosts(url: str) -> list[str]:
+    """The `host:port` addresses a libpq-style URL names: one, or several for failover
+    (`postgresql://u@db1:5432,db2:5432/app`); a Unix socket URL names none."""
+    netloc = urlsplit(url).netloc.rpartition("@")[2]
+    hosts = []
+    for address in netloc.split(","):
+        if not address:
+            continue
+        # Parsed as a URL of its own, so IPv6 literals ([::1]:5432) and bad ports are handled.
+        parts = urlsplit(f"//{address}")
+        if parts.hostname is None:
+            raise ValueError(f"{address!r} names no host")
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        hosts.append(f"{host}:{parts.port or 5432}")
+    return hosts
+
+
 def check_database_url(url: str, *, variable: str) -> None:
     shown = mask_password(url) if "://" in url else url
     try:
         parts = urlsplit(url)
-        parts.port  # noqa: B018 - urlsplit only validates the port when it is read
+        database_hosts(url)  # every host's port must be a port
     except ValueError as exc:
         raise SettingsError(f"{variable}={shown!r} is not a valid URL: {exc}") from None
     if parts.scheme not in ALLOWED_URL_SCHEMES:
@@ -150,6 +194,8 @@ def load_settings(
         pool_timeout=reader.seconds("DB_POOL_TIMEOUT", 5.0, allow_zero=False),
         connect_timeout=reader.seconds("DB_CONNECT_TIMEOUT", 5.0, allow_zero=False),
         statement_timeout=reader.seconds("DB_STATEMENT_TIMEOUT", 30.0, allow_zero=True),
+        command_timeout=reader.optional_seconds("DB_COMMAND_TIMEOUT"),
+        dead_peer_timeout=reader.seconds("DB_DEAD_PEER_TIMEOUT", 30.0, allow_zero=True),
         pool_max_idle=reader.seconds("DB_POOL_MAX_IDLE", 300.0, allow_zero=True),
         statement_cache_size=reader.integer(
             "DB_STATEMENT_CACHE_SIZE", 0 if pgbouncer else 100, minimum=0
@@ -239,6 +285,12 @@ class _Reader:
         if not math.isfinite(value) or (value == 0 and not allow_zero):
             raise SettingsError(f"{name}={raw!r} must be a duration {bound}")
         return value
+
+    def optional_seconds(self, name: str) -> float | None:
+        """A duration more than 0, or None when the variable is unset."""
+        if self._raw(name) is None:
+            return None
+        return self.seconds(name, 0.0, allow_zero=False)
 
     def boolean(self, name: str, default: bool) -> bool:
         raw = self._raw(name)

@@ -6,6 +6,7 @@ The layout, one concept per module:
 - `driver`: Protocols for the driver objects SPARC calls.
 - `_asyncpg`: the driver boundary, the only importer of asyncpg and encode/databases.
 - `turns`: connection turns, first come first served, under one timer.
+- `deadlines`: the client-side deadline of every statement, under one timer.
 - `pool`: acquire, release, hand-over, reconnect backoff, clean-ups, figures.
 - `unit`: the unit of work, its transaction states.
 - `context`: the context variables, `get_db_client`, `bind_db_client`.
@@ -19,6 +20,7 @@ from sparc.database.client import APPLICATION_NAME, ConnectionBudget, DatabaseCl
 from sparc.database.context import bind_db_client, get_db_client
 from sparc.database.driver import Row
 from sparc.database.errors import (
+    CommandTimeout,
     CommitFailed,
     DatabaseUnavailable,
     PoolQueueFull,
@@ -27,6 +29,7 @@ from sparc.database.errors import (
     StatementTimeout,
     TransactionConflict,
     UniqueViolation,
+    WritesRefused,
 )
 from sparc.database.events import PoolEvents
 from sparc.database.middleware import DatabaseMiddleware
@@ -36,6 +39,7 @@ from sparc.database.sql import Query, Values
 
 __all__ = [
     "APPLICATION_NAME",
+    "CommandTimeout",
     "CommitFailed",
     "ConnectionBudget",
     "DatabaseClient",
@@ -52,6 +56,7 @@ __all__ = [
     "TransactionConflict",
     "UniqueViolation",
     "Values",
+    "WritesRefused",
     "bind_db_client",
     "get_db_client",
     "migration_engine_arguments",

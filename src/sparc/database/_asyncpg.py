@@ -9,10 +9,14 @@ objects only through the Protocols of `sparc.database.driver`.
 
 from __future__ import annotations
 
+import enum
+import re
+import socket
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import asyncpg
 import databases
@@ -25,9 +29,20 @@ from sparc.database.errors import (
     StatementTimeout,
     TransactionConflict,
     UniqueViolation,
+    WritesRefused,
 )
 
 _POSTGRESQL_SCHEMES = ("postgresql+asyncpg://", "postgresql://")
+
+
+class Fate(enum.Enum):
+    """What becomes of the connection a driver exception was raised on."""
+
+    KEEP = "keep"  # it serves on
+    # The request may finish on it, but it must not be reused: it is attached to a server that
+    # refuses writes, and the pool's next connection may find the new primary.
+    DISCARD = "discard"
+    LOST = "lost"  # it cannot be trusted with another statement
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,32 +50,47 @@ class _Meaning:
     """What a driver exception means to SPARC."""
 
     error: type[Exception]
-    # The connection it happened on cannot be trusted with another statement.
-    connection_lost: bool
+    fate: Fate
     # How the SPARC error reads; `{exc}` is the driver's message.
     message: str = "{exc}"
 
 
-_LOST = "lost the connection to PostgreSQL: {exc}"
+_KEEP, _DISCARD, _LOST = Fate.KEEP, Fate.DISCARD, Fate.LOST
+_LOST_MESSAGE = "lost the connection to PostgreSQL: {exc}"
+_UNAVAILABLE = DatabaseUnavailable
 
 # Every driver exception SPARC knows, looked up along the exception's MRO (the most specific
-# class wins), so a new asyncpg subclass finds its parent's meaning.
+# class wins), so a new asyncpg subclass finds its parent's meaning. Whatever the server cannot
+# serve now (rather than a statement it refuses) is DatabaseUnavailable: retry later.
 _MEANINGS: dict[type[BaseException], _Meaning] = {
-    # statement_timeout or a cancel request: the connection itself is fine.
+    # statement_timeout or a cancel request (57014): the connection itself is fine.
     asyncpg.QueryCanceledError: _Meaning(
-        StatementTimeout, False, "the database cancelled a statement: {exc}"
+        StatementTimeout, _KEEP, "the database cancelled a statement: {exc}"
     ),
-    # Server shutdown or crash (57P01, 57P02), not accepting connections yet (57P03).
-    asyncpg.exceptions.OperatorInterventionError: _Meaning(DatabaseUnavailable, True, _LOST),
-    asyncpg.PostgresConnectionError: _Meaning(DatabaseUnavailable, True, _LOST),
-    asyncpg.InterfaceError: _Meaning(DatabaseUnavailable, True, _LOST),
+    # Class 57: server shutdown or crash (57P01, 57P02), not accepting connections yet (57P03):
+    # the server ends the session.
+    asyncpg.exceptions.OperatorInterventionError: _Meaning(_UNAVAILABLE, _LOST, _LOST_MESSAGE),
+    asyncpg.PostgresConnectionError: _Meaning(_UNAVAILABLE, _LOST, _LOST_MESSAGE),  # class 08
+    asyncpg.InterfaceError: _Meaning(_UNAVAILABLE, _LOST, _LOST_MESSAGE),
     # The protocol lost track of the connection's state (e.g. the server hung up mid-exchange).
-    asyncpg.exceptions.InternalClientError: _Meaning(DatabaseUnavailable, True, _LOST),
-    OSError: _Meaning(DatabaseUnavailable, True, _LOST),
-    asyncpg.exceptions.SerializationError: _Meaning(TransactionConflict, False),
-    asyncpg.exceptions.DeadlockDetectedError: _Meaning(TransactionConflict, False),
-    asyncpg.UniqueViolationError: _Meaning(UniqueViolation, False),
-    asyncpg.PostgresError: _Meaning(QueryError, False),
+    asyncpg.exceptions.InternalClientError: _Meaning(_UNAVAILABLE, _LOST, _LOST_MESSAGE),
+    OSError: _Meaning(_UNAVAILABLE, _LOST, _LOST_MESSAGE),
+    # 25006: a standby, or a primary turned read-only by a switchover.
+    asyncpg.exceptions.ReadOnlySQLTransactionError: _Meaning(
+        WritesRefused, _DISCARD, "the database refused a write, it is read-only: {exc}"
+    ),
+    # Class 53: disk full, out of memory, too many connections.
+    asyncpg.exceptions.InsufficientResourcesError: _Meaning(
+        _UNAVAILABLE, _KEEP, "PostgreSQL is out of resources: {exc}"
+    ),
+    # 55P03: NOWAIT or lock_timeout gave up on a lock another transaction holds.
+    asyncpg.exceptions.LockNotAvailableError: _Meaning(
+        _UNAVAILABLE, _KEEP, "a lock was not available in time: {exc}"
+    ),
+    asyncpg.exceptions.SerializationError: _Meaning(TransactionConflict, _KEEP),
+    asyncpg.exceptions.DeadlockDetectedError: _Meaning(TransactionConflict, _KEEP),
+    asyncpg.UniqueViolationError: _Meaning(UniqueViolation, _KEEP),
+    asyncpg.PostgresError: _Meaning(QueryError, _KEEP),
 }
 
 
@@ -93,15 +123,84 @@ def translate(exc: BaseException, *, connecting: bool = False) -> Exception | No
     return meaning.error(message)
 
 
+def connection_fate(exc: BaseException) -> Fate:
+    """What becomes of the connection `exc` was raised on (KEEP for what is not the driver's)."""
+    meaning = _meaning(exc)
+    return _KEEP if meaning is None else meaning.fate
+
+
 def connection_lost(exc: BaseException) -> bool:
     """Whether the connection `exc` was raised on can no longer be trusted."""
-    meaning = _meaning(exc)
-    return meaning is not None and meaning.connection_lost
+    return connection_fate(exc) is _LOST
+
+
+# PgBouncer's answer to a startup setting it does not pass on (SQLSTATE 08P01).
+_UNSUPPORTED_STARTUP_PARAMETER = re.compile(r"unsupported startup parameter:\s*(\w+)")
+
+
+def refused_startup_setting(exc: BaseException) -> str | None:
+    """The startup setting the server refused (PgBouncer refuses statement_timeout and the
+    like), or None."""
+    match = _UNSUPPORTED_STARTUP_PARAMETER.search(str(exc))
+    return match.group(1) if match and isinstance(exc, asyncpg.PostgresError) else None
+
+
+def dead_peer_settings(timeout: float) -> dict[str, str]:
+    """The server's side of dead-peer detection: keepalives and tcp_user_timeout per session,
+    so a backend whose client vanished in a partition ends instead of lingering."""
+    if not timeout:
+        return {}
+    idle, interval, count = _keepalive_figures(timeout)
+    return {
+        "tcp_keepalives_idle": str(idle),
+        "tcp_keepalives_interval": str(interval),
+        "tcp_keepalives_count": str(count),
+        "tcp_user_timeout": str(round(timeout * 1000)),  # milliseconds
+    }
+
+
+def _keepalive_figures(timeout: float) -> tuple[int, int, int]:
+    # The first probe after half the timeout, then three more a sixth apart: the peer is given
+    # up `timeout` after it last answered. The kernel takes whole seconds, at least 1.
+    return max(1, round(timeout / 2)), max(1, round(timeout / 6)), 3
+
+
+def _watch_for_dead_peer(connection: Any, timeout: float) -> None:
+    """TCP keepalives and TCP_USER_TIMEOUT on the client's socket (asyncpg sets neither)."""
+    transport = connection._transport  # asyncpg keeps its transport private
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return  # a Unix socket has no peer to lose
+    idle, interval, count = _keepalive_figures(timeout)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (
+        ("TCP_KEEPIDLE", idle),
+        ("TCP_KEEPINTVL", interval),
+        ("TCP_KEEPCNT", count),
+        # Data sent but unacknowledged this long (a statement to a partitioned server).
+        ("TCP_USER_TIMEOUT", round(timeout * 1000)),
+    ):
+        if hasattr(socket, option):  # Linux has all four; other platforms fewer
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
+def tcp_options(connection: Connection) -> dict[str, int]:
+    """The dead-peer options set on `connection`'s socket (empty for a Unix socket)."""
+    transport = cast(Any, connection)._con._transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return {}
+    options = {"SO_KEEPALIVE": sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)}
+    for option in ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT", "TCP_USER_TIMEOUT"):
+        if hasattr(socket, option):
+            options[option] = sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, option))
+    return options
 
 
 def is_closed(connection: Connection) -> bool:
+    proxy: Any = connection
     try:
-        return bool(cast(Any, connection).is_closed())
+        return bool(proxy.is_closed())
     except asyncpg.InterfaceError:
         return True  # asyncpg already took back a connection that closed
 
@@ -114,6 +213,16 @@ def due_for_recycling(connection: Connection) -> bool:
     except AttributeError:
         # Not laid out as the asyncpg we know: let its pool see every release and decide.
         return True
+
+
+def cancel_pending(connection: Connection) -> bool:
+    """Whether a cancel request for `connection`'s last statement is still under way; the
+    driver's pool would wait for it without bound on release."""
+    proxy: Any = connection
+    try:
+        return bool(proxy._con._protocol._is_cancelling())
+    except AttributeError:
+        return False  # not laid out as the asyncpg we know: units confirm cancels themselves
 
 
 def pool_of(database: databases.Database) -> Pool | None:
@@ -139,18 +248,23 @@ class DriverDatabase:
         max_idle: float,
         statement_cache_size: int,
         server_settings: Mapping[str, str],
+        dead_peer_timeout: float,
         on_connection_opened: Callable[[], None],
         on_connection_closed: Callable[[], None],
     ) -> None:
         async def connection_opened(connection: Any) -> None:
+            if dead_peer_timeout:
+                _watch_for_dead_peer(connection, dead_peer_timeout)
             on_connection_opened()
             connection.add_termination_listener(lambda _: on_connection_closed())
 
         dsn = url.replace("postgresql+asyncpg://", "postgresql://", 1)
         self._database = databases.Database(
-            dsn,
-            # databases reads only host/user/password from the URL; handing asyncpg the whole
-            # DSN as well keeps every libpq URL option (sslmode, several hosts, ...) working.
+            # databases would hand asyncpg the URL's host, port, user and password, which win
+            # over the DSN and cannot express several hosts; given only the database name, it
+            # hands none of them, and asyncpg reads them (hosts, sslmode, target_session_attrs
+            # ...) from the whole DSN.
+            "postgresql://" + urlsplit(dsn).path,
             dsn=dsn,
             min_size=min_size,
             max_size=max_size,

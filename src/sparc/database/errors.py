@@ -26,6 +26,16 @@ class StatementTimeout(DatabaseUnavailable):
     """PostgreSQL cancelled a statement that ran past DB_STATEMENT_TIMEOUT."""
 
 
+class CommandTimeout(DatabaseUnavailable):
+    """PostgreSQL did not answer a statement within DB_COMMAND_TIMEOUT (a frozen or unreachable
+    server): its connection was cut, never reused."""
+
+
+class WritesRefused(DatabaseUnavailable):
+    """The server refused to write (read_only_sql_transaction): it is a standby, or read-only
+    for now (a switchover under way, default_transaction_read_only)."""
+
+
 class QueryError(Exception):
     """PostgreSQL refused a statement; `sqlstate` is its error code (e.g. 23505)."""
 
@@ -58,6 +68,8 @@ for _error in (
     PoolTimeout,
     PoolQueueFull,
     StatementTimeout,
+    CommandTimeout,
+    WritesRefused,
     QueryError,
     UniqueViolation,
     TransactionConflict,

@@ -20,6 +20,7 @@ from sparc.database.errors import (
     PoolTimeout,
     StatementTimeout,
     TransactionConflict,
+    WritesRefused,
 )
 from sparc.database.replay import RequestMessages, may_replay
 from sparc.database.unit import UnitOfWork
@@ -34,6 +35,8 @@ _RETRY_AFTER_SECONDS: dict[type[DatabaseUnavailable], int] = {
     PoolQueueFull: 1,
     StatementTimeout: 1,
     TransactionConflict: 1,
+    # A switchover is over in seconds.
+    WritesRefused: 2,
     DatabaseUnavailable: 5,
 }
 

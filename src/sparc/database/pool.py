@@ -10,17 +10,18 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import anyio
 
 from sparc.database import _asyncpg
+from sparc.database._asyncpg import cancel_pending, due_for_recycling, is_closed
+from sparc.database.deadlines import Deadlines
 from sparc.database.driver import Connection, Pool
 from sparc.database.errors import DatabaseUnavailable, PoolQueueFull, PoolTimeout
 from sparc.database.events import PoolEvents
 from sparc.database.sql import begin_statement, timeout_settings
 from sparc.database.turns import Turns
-from sparc.settings import Settings, mask_password
+from sparc.settings import Settings, database_hosts, mask_password
 
 logger = logging.getLogger("sparc.database")
 
@@ -41,7 +42,8 @@ class ReconnectBackoff:
     """After a failed connection attempt, wait before the next: capped, doubling, jittered."""
 
     FIRST = 0.1
-    CAP = 5.0
+    # Short enough that requests succeed within seconds of the server's return.
+    CAP = 2.0
 
     def __init__(self) -> None:
         self._failures = 0
@@ -76,6 +78,7 @@ class ConnectionPool:
         self.turns: Turns[Connection] = Turns(
             settings.pool_max_size, settings.pool_timeout, self._release_orphan
         )
+        self.deadlines: Deadlines[Connection] = Deadlines(settings.command_deadline, _cut)
         self._database: _asyncpg.DriverDatabase | None = None
         self._pool: Pool | None = None
         self._waiting = 0
@@ -86,14 +89,17 @@ class ConnectionPool:
             idle_in_transaction_timeout=settings.idle_in_transaction_timeout,
         )
         # PgBouncer passes application_name on to the server but refuses other startup
-        # settings; behind it the timeouts are set per transaction instead.
+        # settings; behind it the timeouts are set per transaction instead, and the server's
+        # side of dead-peer detection is PgBouncer's own (its tcp_keepalive settings).
         self._startup_settings = {"application_name": application_name}
         self._transaction_settings: dict[str, str] = {}
         if settings.pgbouncer:
             self._transaction_settings = timeouts
         else:
             self._startup_settings.update(timeouts)
-        self._plain_begin = begin_statement(None, self._transaction_settings)
+            self._startup_settings.update(_asyncpg.dead_peer_settings(settings.dead_peer_timeout))
+        # The BEGIN of nearly every transaction, made once.
+        self.plain_begin = begin_statement(None, self._transaction_settings)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -109,6 +115,7 @@ class ConnectionPool:
         assert settings.database_url is not None
         self.settings = settings
         self.turns = Turns(settings.pool_max_size, settings.pool_timeout, self._release_orphan)
+        self.deadlines = Deadlines(settings.command_deadline, _cut)
         database = _asyncpg.DriverDatabase(
             settings.database_url,
             min_size=settings.pool_min_size,
@@ -117,6 +124,7 @@ class ConnectionPool:
             max_idle=settings.pool_max_idle,
             statement_cache_size=settings.statement_cache_size,
             server_settings=self._startup_settings,
+            dead_peer_timeout=settings.dead_peer_timeout,
             on_connection_opened=self.events.connection_opened,
             on_connection_closed=self.events.connection_closed,
         )
@@ -149,13 +157,19 @@ class ConnectionPool:
                 else:
                     logger.info("database pool closed")
         finally:
+            self.deadlines.close()
             self._database = self._pool = None
 
     def unreachable(self, exc: BaseException) -> DatabaseUnavailable:
         """The error for a server that did not answer or refused a connection, naming it."""
         url = self.settings.database_url or ""
-        host = urlsplit(url).hostname
-        where = f"{host}:{urlsplit(url).port or 5432}" if host else mask_password(url)
+        where = ", ".join(database_hosts(url)) or mask_password(url)
+        refused = _asyncpg.refused_startup_setting(exc)
+        if refused is not None and not self.settings.pgbouncer:
+            return DatabaseUnavailable(
+                f"the server at {where} refused the startup parameter {refused}: is this "
+                "PgBouncer? set DB_PGBOUNCER=true"
+            )
         reason = str(exc) or type(exc).__name__
         if isinstance(exc, TimeoutError):
             reason = f"no answer within {self.settings.connect_timeout:g} s (DB_CONNECT_TIMEOUT)"
@@ -164,7 +178,7 @@ class ConnectionPool:
     def begin_statement(self, isolation: str | None) -> str:
         """The BEGIN of a transaction at `isolation` on this pool's connections."""
         if isolation is None:
-            return self._plain_begin
+            return self.plain_begin
         return begin_statement(isolation, self._transaction_settings)
 
     # -- lending connections --------------------------------------------------------------------
@@ -230,10 +244,10 @@ class ConnectionPool:
         """Take `connection` back: discard it if broken, reset its session if a statement may
         have changed it, else hand it straight to the oldest waiter or back to the pool."""
         quiet = False  # nothing left for the driver's release to do on the wire
-        if _asyncpg.is_closed(connection):
+        if is_closed(connection):
             self.events.connection_discarded()
             logger.warning("a database connection was lost; the pool will open a new one")
-        elif broken:
+        elif broken or cancel_pending(connection):
             self.events.connection_discarded()
             logger.warning("discarding a broken database connection")
             connection.terminate()
@@ -251,11 +265,7 @@ class ConnectionPool:
             quiet = not connection.is_in_transaction()
             # Clean and in demand: straight to the next request, as the driver's pool would
             # hand it on anyway (unless it has served its max_queries and is due to close).
-            if (
-                quiet
-                and not _asyncpg.due_for_recycling(connection)
-                and self.turns.hand_over(connection)
-            ):
+            if quiet and not due_for_recycling(connection) and self.turns.hand_over(connection):
                 return
         try:
             # With every transaction ended, the driver's release does no I/O: no timeout (and
@@ -307,3 +317,8 @@ class ConnectionPool:
             min=pool.get_min_size(),
             waiting=self._waiting,
         )
+
+
+def _cut(connection: Connection) -> None:
+    # Terminate, never cancel: a cancel request to a frozen server hangs as well.
+    connection.terminate()

@@ -15,6 +15,7 @@ import anyio
 from sparc.database import _asyncpg
 from sparc.database.driver import Connection
 from sparc.database.errors import (
+    CommandTimeout,
     CommitFailed,
     DatabaseUnavailable,
     TransactionConflict,
@@ -56,6 +57,7 @@ class Lifecycle(enum.Enum):
 _NONE, _OPEN = Transaction.NONE, Transaction.OPEN
 _INTERRUPTED, _BROKEN = Transaction.INTERRUPTED, Transaction.BROKEN
 _ACTIVE, _ENDED, _ABANDONED = Lifecycle.ACTIVE, Lifecycle.ENDED, Lifecycle.ABANDONED
+_LOST, _DISCARD = _asyncpg.Fate.LOST, _asyncpg.Fate.DISCARD
 
 _TRANSACTION_MOVES: dict[Transaction, frozenset[Transaction]] = {
     _NONE: frozenset({_OPEN, _INTERRUPTED, _BROKEN}),
@@ -86,9 +88,11 @@ class UnitOfWork:
     __slots__ = (
         "_begin",
         "_connection",
+        "_discard",
         "_lock",
         "_savepoints",
         "_session_changed",
+        "_statement_interrupted",
         "_transaction_lost",
         "conflicted",
         "keep_writes",
@@ -104,13 +108,18 @@ class UnitOfWork:
         self.conflicted = False
         self.lifecycle = _ACTIVE
         self.transaction = _NONE
-        self._begin = pool.begin_statement(isolation)
+        self._begin = pool.plain_begin if isolation is None else pool.begin_statement(isolation)
         self._connection: Connection | None = None
         self._lock = asyncio.Lock()
         self._savepoints = 0
         self._session_changed = False  # a statement may have left state in the session
         # The connection broke while a transaction was open: its writes are gone.
         self._transaction_lost = False
+        # A statement was cancelled midway: PostgreSQL must confirm the connection is idle
+        # before anyone else gets it.
+        self._statement_interrupted = False
+        # The connection answered from a server that refuses writes: not to be reused.
+        self._discard = False
 
     @property
     def in_transaction(self) -> bool:
@@ -163,24 +172,63 @@ class UnitOfWork:
                     if self.lifecycle is _ABANDONED:
                         raise UnitEnded  # the unit ended while we waited for the pool
                 connection = self._connection
+                if self._statement_interrupted:
+                    await self._confirm_idle(connection)
                 if sql is not None and changes_session(sql):
                     self._session_changed = True
+                deadlines = self.pool.deadlines
+                deadlines.start(connection)
                 try:
                     if transactional and self.transaction is _NONE:
                         await self._begin_transaction(connection)
-                    return await operation(connection)
+                    result = await operation(connection)
                 except BaseException as exc:
-                    if _asyncpg.connection_lost(exc) or _asyncpg.is_closed(connection):
+                    if not deadlines.finish(connection):
                         self._break()
+                        raise self._timed_out() from None
+                    self._note_failure(exc, connection)
                     translated = _asyncpg.translate(exc)
                     if translated is None:
                         raise
                     if isinstance(translated, TransactionConflict):
                         self.conflicted = True
                     raise translated from None
+                if not deadlines.finish(connection):
+                    self._break()  # answered just as its deadline cut the connection
+                return result
             finally:
                 if self.lifecycle is _ABANDONED:
                     await self.pool.finish_in_background(self._release())
+
+    def _note_failure(self, exc: BaseException, connection: Connection) -> None:
+        """What a failed statement tells about the connection it ran on."""
+        if isinstance(exc, asyncio.CancelledError):
+            self._statement_interrupted = True
+        fate = _asyncpg.connection_fate(exc)
+        if fate is _LOST or _asyncpg.is_closed(connection):
+            self._break()
+        elif fate is _DISCARD:
+            self._discard = True
+
+    async def _confirm_idle(self, connection: Connection) -> None:
+        """After a cancelled statement, wait for PostgreSQL to answer before the next one.
+
+        The driver holds the next statement until the cancelled one is over, and a connection
+        cut meanwhile would not release it: no deadline could bound it. So the wait is bounded
+        here, and a connection that stays silent is cut.
+        """
+        if not await self._answered(connection, "SELECT 1"):
+            self._break()
+            raise DatabaseUnavailable(
+                "PostgreSQL did not answer after a cancelled statement; the connection was cut"
+            )
+        self._statement_interrupted = False
+
+    def _timed_out(self) -> CommandTimeout:
+        return CommandTimeout(
+            f"PostgreSQL did not answer within {self.pool.deadlines.timeout:g} s "
+            "(DB_COMMAND_TIMEOUT); the connection was cut"
+        )
 
     async def _begin_transaction(self, connection: Connection) -> None:
         try:
@@ -201,20 +249,20 @@ class UnitOfWork:
         """
         if self.lifecycle is not _ACTIVE:
             return
-        self._end_as(_ENDED)
+        self.lifecycle = _ENDED  # the one legal move from ACTIVE
         try:
             if commit and self.in_transaction:
                 async with self._lock:
                     await self._commit()
         finally:
-            if self._lock.locked() or self.transaction is not _NONE:
+            if self._lock.locked() or self.transaction is not _NONE or self._statement_interrupted:
                 await self.pool.finish_in_background(self._clean_up())
             elif self._connection is not None:
                 # The common case (nothing open, nobody else using the connection): the
                 # driver's pool shields the release itself, so no task of our own is needed.
                 connection, self._connection = self._connection, None
                 await self.pool.release(
-                    connection, broken=False, session_changed=self._session_changed
+                    connection, broken=self._discard, session_changed=self._session_changed
                 )
 
     async def _commit(self) -> None:
@@ -222,15 +270,21 @@ class UnitOfWork:
             raise DatabaseUnavailable("the transaction was interrupted before commit")
         connection = self._connection
         assert connection is not None
+        deadlines = self.pool.deadlines
+        deadlines.start(connection)
         try:
             status = await connection.execute("COMMIT")
         except asyncio.CancelledError:
+            deadlines.finish(connection)
             # The outcome is unknown to a request that is going away anyway. The clean-up's
             # ROLLBACK (harmless if COMMIT got through) leaves the connection clean, and
             # counts the transaction as rolled back.
             self._move(_INTERRUPTED)
             raise
         except Exception as exc:
+            if not deadlines.finish(connection):
+                self._break()
+                raise self._timed_out() from None
             if _asyncpg.connection_lost(exc) or _asyncpg.is_closed(connection):
                 self._break()
                 raise DatabaseUnavailable(
@@ -247,6 +301,8 @@ class UnitOfWork:
                     sqlstate=translated.sqlstate,
                 ) from None
             raise CommitFailed(f"the transaction could not be committed: {exc}") from None
+        if not deadlines.finish(connection):
+            self._discard = True  # answered just as its deadline cut the connection
         self._move(_NONE)  # COMMIT ends the transaction whatever it answers
         committed = status == "COMMIT"
         self.pool.events.transaction_finished(committed=committed)
@@ -285,22 +341,37 @@ class UnitOfWork:
             return
         if self.transaction is _OPEN or self.transaction is _INTERRUPTED:
             self.pool.events.transaction_finished(committed=False)
-            rolled_back = False
-            with anyio.move_on_after(self.pool.settings.connect_timeout) as waiting:
-                try:
-                    await connection.execute("ROLLBACK")
-                    rolled_back = True
-                except Exception as exc:
-                    logger.warning("rollback failed (%s); discarding the connection", exc)
-            if waiting.cancelled_caught:
-                logger.warning("rollback did not finish in time; discarding the connection")
-            # Counted as rolled back just above either way.
-            self._move(_NONE if rolled_back else _BROKEN)
+            # Also confirms the connection is idle: the answer comes after everything before it.
+            confirmed = await self._answered(connection, "ROLLBACK")
+            self._move(_NONE if confirmed else _BROKEN)  # counted as rolled back either way
+        elif (
+            # A statement cancelled outside a transaction: hand the connection on only once
+            # PostgreSQL has answered the next one.
+            self._statement_interrupted
+            and self.transaction is _NONE
+            and not await self._answered(connection, "SELECT 1")
+        ):
+            self._move(_BROKEN)
         await self.pool.release(
             connection,
-            broken=self.transaction is _BROKEN,
+            broken=self.transaction is _BROKEN or self._discard,
             session_changed=self._session_changed,
         )
+
+    async def _answered(self, connection: Connection, sql: str) -> bool:
+        """Whether PostgreSQL answered `sql` (an error is an answer too) within
+        DB_CONNECT_TIMEOUT, so the connection is idle; else it is to be discarded."""
+        with anyio.move_on_after(self.pool.settings.connect_timeout):
+            try:
+                await connection.execute(sql)
+                return True
+            except Exception as exc:
+                if _asyncpg.connection_lost(exc) or _asyncpg.is_closed(connection):
+                    logger.warning("%s failed (%s); discarding the connection", sql, exc)
+                    return False
+                return True
+        logger.warning("%s had no answer in time; discarding the connection", sql)
+        return False
 
     @contextlib.asynccontextmanager
     async def savepoint(self) -> AsyncIterator[None]:
