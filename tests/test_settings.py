@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import subprocess
 import sys
@@ -64,6 +65,9 @@ def test_every_variable_is_read() -> None:
             "SPARC_LOGIN_MAX_FAILURES": "3",
             "SPARC_LOGIN_WINDOW": "5m",
             "SPARC_LOGIN_IP_MAX_FAILURES": "30",
+            "SPARC_LOGIN_ACCOUNT_MAX_FAILURES": "200",
+            "SPARC_REGISTRATION_IP_MAX": "7",
+            "SPARC_TRUSTED_PROXIES": "10.0.0.0/8, 192.0.2.7 ,2001:db8::/32",
             "SPARC_HASH_CONCURRENCY": "4",
             "SPARC_ARGON2_TIME_COST": "3",
             "SPARC_ARGON2_MEMORY_KIB": "65536",
@@ -93,6 +97,13 @@ def test_every_variable_is_read() -> None:
         login_max_failures=3,
         login_window=300.0,
         login_ip_max_failures=30,
+        login_account_max_failures=200,
+        registration_ip_max=7,
+        trusted_proxies=(
+            ipaddress.ip_network("10.0.0.0/8"),
+            ipaddress.ip_network("192.0.2.7"),
+            ipaddress.ip_network("2001:db8::/32"),
+        ),
         hash_concurrency=4,
         argon2_time_cost=3,
         argon2_memory_kib=65536,
@@ -135,6 +146,9 @@ def test_every_variable_is_read() -> None:
         ("SPARC_LOGIN_MAX_FAILURES", "0", "at least 1"),
         ("SPARC_LOGIN_WINDOW", "-15m", "not a duration"),
         ("SPARC_LOGIN_IP_MAX_FAILURES", "many", "not a whole number"),
+        ("SPARC_LOGIN_ACCOUNT_MAX_FAILURES", "0", "at least 1"),
+        ("SPARC_REGISTRATION_IP_MAX", "lots", "not a whole number"),
+        ("SPARC_TRUSTED_PROXIES", "10.0.0.0/8, the load balancer", "not an IP address"),
         ("SPARC_HASH_CONCURRENCY", "0", "at least 1"),
         ("SPARC_ARGON2_TIME_COST", "0", "at least 1"),
         ("SPARC_ARGON2_MEMORY_KIB", "4", "at least 8"),

@@ -14,6 +14,7 @@ from sparc import audit, auth, health, identity, metrics, openapi, sessions
 from sparc.database import DatabaseClient, DatabaseMiddleware
 from sparc.embedded import database_settings_async
 from sparc.problems import Problem, handle_http_exception, handle_problem, handle_server_error
+from sparc.proxies import TrustedProxies, TrustedProxyMiddleware
 from sparc.security import PasswordHasher
 from sparc.settings import Settings, load_settings
 from sparc.state import set_app_state
@@ -39,6 +40,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
             finally:
                 await client.disconnect()
 
+    # Behind a load balancer the client's address comes from X-Forwarded-For, believed only
+    # from SPARC_TRUSTED_PROXIES; with none configured the layer is left out altogether.
+    proxies = (
+        [Middleware(TrustedProxyMiddleware, proxies=TrustedProxies(settings.trusted_proxies))]
+        if settings.trusted_proxies
+        else []
+    )
     app = Starlette(
         # Routes are matched in order: the busiest first.
         routes=[
@@ -50,6 +58,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             *metrics.routes,
         ],
         middleware=[
+            *proxies,
             # It also reports every request's route, status and duration to the metrics.
             Middleware(DatabaseMiddleware, client=client, on_answered=app_metrics.request_answered),
             Middleware(
@@ -73,7 +82,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         password_hasher=PasswordHasher.from_settings(settings),
         login_throttle=LoginThrottle(
             max_failures=settings.login_max_failures,
+            account_max_failures=settings.login_account_max_failures,
             ip_max_failures=settings.login_ip_max_failures,
+            registration_ip_max=settings.registration_ip_max,
             window=settings.login_window,
         ),
     )

@@ -63,10 +63,23 @@ async def register(request: Request) -> Response:
     email = _check_email(errors, body)
     password = _check_new_password(errors, body, "password")
     errors.raise_if_any()
-    # Hash before the first query: the request holds no pooled connection while it burns CPU.
-    password_hash = await password_hasher_of(request).hash(password)
+    db = get_db_client()
+    hasher, throttle = password_hasher_of(request), login_throttle_of(request)
+    ip = client_ip(request)
+    # Take the hashing slot before the first query, so registrations queued for CPU hold no
+    # connection; check the address's count before paying for a hash.
+    async with hasher.slot():
+        retry_after = await throttle.registration_retry_after(ip)
+        if retry_after is not None:
+            raise Problem(
+                429,
+                f"Too many registrations from your address: try again in {retry_after} seconds.",
+                headers={"Retry-After": str(retry_after)},
+            )
+        password_hash = await hasher.hash(password)
+    await throttle.record_registration(ip)
     # ON CONFLICT, not a caught UniqueViolation: a failed statement would doom the transaction.
-    row = await get_db_client().fetch_one(
+    row = await db.fetch_one(
         """
         INSERT INTO users (email, password_hash) VALUES (:email, :password_hash)
         ON CONFLICT ((lower(email))) DO NOTHING
@@ -75,6 +88,7 @@ async def register(request: Request) -> Response:
         {"email": email, "password_hash": password_hash},
     )
     if row is None:
+        db.keep_writes()  # the registration still counts against the address
         raise Problem(409, "An account with this email already exists.")
     await audit.record("register", request, user_id=row["id"])
     return JSONResponse({"id": str(row["id"]), "email": row["email"]}, status_code=201)
@@ -119,7 +133,7 @@ async def login(request: Request) -> Response:
         db.keep_writes()  # the failure counts and the audit entry outlive the 401
         raise Problem(401, "The email or password is wrong.", headers=BEARER_CHALLENGE)
 
-    await throttle.forget_account(email)
+    await throttle.forget_failures(email, ip)
     if rehashed is not None:
         await db.execute(
             "UPDATE users SET password_hash = :password_hash WHERE id = :id",
@@ -219,6 +233,10 @@ operations: Operations = {
         {
             "201": json_answer("Account", "The account was created."),
             "409": problem_answer("An account with this email (in any letter case) exists."),
+            "429": problem_answer(
+                "Too many registrations from this address; retry after `Retry-After` s.",
+                retry_after=True,
+            ),
         },
         body="Registration",
     ),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -29,6 +30,9 @@ _DURATION = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?$")
 _BOOLEANS = {"true": True, "1": True, "yes": True, "on": True}
 _BOOLEANS |= {"false": False, "0": False, "no": False, "off": False}
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class SettingsError(ValueError):
@@ -76,6 +80,12 @@ class Settings:
     login_max_failures: int = 5
     login_window: float = 15 * 60.0
     login_ip_max_failures: int = 50
+    # Failed logins for one account from all addresses together, within the window.
+    login_account_max_failures: int = 100
+    # Registrations from one client address within the window.
+    registration_ip_max: int = 20
+    # Peers whose X-Forwarded-For is believed: a load balancer's or reverse proxy's addresses.
+    trusted_proxies: tuple[IPNetwork, ...] = ()
     hash_concurrency: int = DEFAULT_HASH_CONCURRENCY
     # OWASP's Argon2id profile (m=19 MiB, t=2, p=1); see the README for why.
     argon2_time_cost: int = 2
@@ -215,6 +225,11 @@ def load_settings(
         login_max_failures=reader.integer("SPARC_LOGIN_MAX_FAILURES", 5, minimum=1),
         login_window=reader.seconds("SPARC_LOGIN_WINDOW", 900.0, allow_zero=False),
         login_ip_max_failures=reader.integer("SPARC_LOGIN_IP_MAX_FAILURES", 50, minimum=1),
+        login_account_max_failures=reader.integer(
+            "SPARC_LOGIN_ACCOUNT_MAX_FAILURES", 100, minimum=1
+        ),
+        registration_ip_max=reader.integer("SPARC_REGISTRATION_IP_MAX", 20, minimum=1),
+        trusted_proxies=reader.networks("SPARC_TRUSTED_PROXIES"),
         hash_concurrency=reader.integer(
             "SPARC_HASH_CONCURRENCY", DEFAULT_HASH_CONCURRENCY, minimum=1
         ),
@@ -291,6 +306,24 @@ class _Reader:
         if self._raw(name) is None:
             return None
         return self.seconds(name, 0.0, allow_zero=False)
+
+    def networks(self, name: str) -> tuple[IPNetwork, ...]:
+        """Comma-separated addresses and CIDR ranges ("10.0.0.0/8, 192.0.2.7, ::1")."""
+        raw = self._raw(name)
+        if raw is None:
+            return ()
+        networks = []
+        for entry in raw.split(","):
+            text = entry.strip()
+            if not text:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(text, strict=False))
+            except ValueError:
+                raise SettingsError(
+                    f"{name}={raw!r}: {text!r} is not an IP address or CIDR range"
+                ) from None
+        return tuple(networks)
 
     def boolean(self, name: str, default: bool) -> bool:
         raw = self._raw(name)
