@@ -90,10 +90,10 @@ async def database_url(server_url: str, template_database: str) -> AsyncIterator
         await admin.close()
 
 
-@pytest.fixture
-def cli_database(server_url: str) -> Iterator[str]:
-    """An empty database (no schema: `sparc serve` must migrate it), for real processes."""
-    name = f"sparc_cli_{os.getpid()}_{time.monotonic_ns()}"
+@contextlib.contextmanager
+def empty_database(server_url: str, prefix: str = "sparc_cli") -> Iterator[str]:
+    """A database of its own on the server (no schema), dropped after the block; its URL."""
+    name = f"{prefix}_{os.getpid()}_{time.monotonic_ns()}"
 
     async def admin(sql: str) -> None:
         connection = await asyncpg.connect(asyncpg_dsn(server_url))
@@ -103,8 +103,17 @@ def cli_database(server_url: str) -> Iterator[str]:
             await connection.close()
 
     anyio.run(admin, f'CREATE DATABASE "{name}"')
-    yield with_database(server_url, name)
-    anyio.run(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield with_database(server_url, name)
+    finally:
+        anyio.run(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def cli_database(server_url: str) -> Iterator[str]:
+    """An empty database (no schema: `sparc serve` must migrate it), for real processes."""
+    with empty_database(server_url) as url:
+        yield url
 
 
 @pytest.fixture

@@ -15,12 +15,10 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import anyio
-import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import asyncpg_dsn, with_database
+from tests.conftest import empty_database
 from tests.helpers import PASSWORD, assert_problem
 from tests.processes import free_port, poll, sparc_env, start_serve, stop
 
@@ -33,30 +31,20 @@ REGISTRATION_IP_MAX = 4
 
 @pytest.fixture(scope="module")
 def service(server_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    name = f"sparc_addresses_{uuid.uuid4().hex[:8]}"
-
-    async def admin(sql: str) -> None:
-        connection = await asyncpg.connect(asyncpg_dsn(server_url))
+    with empty_database(server_url, "sparc_addresses") as url:
+        env = sparc_env(
+            DATABASE_URL=url,
+            SPARC_TRUSTED_PROXIES="127.0.0.1, 198.51.100.0/24",
+            SPARC_LOGIN_MAX_FAILURES=str(MAX_FAILURES),
+            SPARC_LOGIN_ACCOUNT_MAX_FAILURES=str(ACCOUNT_MAX_FAILURES),
+            SPARC_REGISTRATION_IP_MAX=str(REGISTRATION_IP_MAX),
+        )
+        process, base = start_serve(env, cwd=tmp_path_factory.mktemp("addresses"))
         try:
-            await connection.execute(sql)
+            poll(f"{base}/readyz", process=process)
+            yield base
         finally:
-            await connection.close()
-
-    anyio.run(admin, f'CREATE DATABASE "{name}"')
-    env = sparc_env(
-        DATABASE_URL=with_database(server_url, name),
-        SPARC_TRUSTED_PROXIES="127.0.0.1, 198.51.100.0/24",
-        SPARC_LOGIN_MAX_FAILURES=str(MAX_FAILURES),
-        SPARC_LOGIN_ACCOUNT_MAX_FAILURES=str(ACCOUNT_MAX_FAILURES),
-        SPARC_REGISTRATION_IP_MAX=str(REGISTRATION_IP_MAX),
-    )
-    process, base = start_serve(env, cwd=tmp_path_factory.mktemp("addresses"))
-    try:
-        poll(f"{base}/readyz", process=process)
-        yield base
-    finally:
-        stop(process)
-        anyio.run(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            stop(process)
 
 
 def client(base: str, source: str = "127.0.0.1") -> httpx.AsyncClient:
