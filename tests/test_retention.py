@@ -26,6 +26,7 @@ from sparc.throttle import LoginThrottle, account_key
 from tests.conftest import asyncpg_dsn, poll_until, poll_until_async, serving
 from tests.helpers import bearer, token_for
 from tests.pgbouncer import running_pgbouncer
+from tests.processes import run_sparc, sparc_env
 from tests.test_metrics import scrape, value
 
 pytestmark = pytest.mark.anyio
@@ -354,6 +355,49 @@ async def stale_rows(admin: asyncpg.Connection) -> int:
         " + (SELECT count(*) FROM auth_events)"
     )
     return count
+
+
+def test_sparc_purge_prints_the_rows_deleted_per_table(cli_database: str) -> None:
+    env = sparc_env(DATABASE_URL=cli_database)
+    assert run_sparc("migrate", env=env).returncode == 0
+
+    async def prepare() -> None:
+        connection = await asyncpg.connect(asyncpg_dsn(cli_database))
+        try:
+            await insert_one_of_each_stale_row(connection)
+        finally:
+            await connection.close()
+
+    anyio.run(prepare)
+    result = run_sparc("purge", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "sessions: 1 row deleted",
+        "login_throttles: 2 rows deleted",
+        "auth_events: 1 row deleted",
+    ]
+    again = run_sparc("purge", env=env)
+    assert again.stdout.splitlines()[1] == "login_throttles: 0 rows deleted"
+
+
+@pytest.mark.parametrize(
+    ("url", "complaint"),
+    [
+        ("postgresql://sparc:hunter2@127.0.0.1:9/sparc", "cannot reach PostgreSQL at 127.0.0.1:9"),
+        (None, 'purge failed: relation "sessions" does not exist'),
+    ],
+    ids=["unreachable", "not-migrated"],
+)
+def test_sparc_purge_fails_on_a_database_error_with_one_line(
+    cli_database: str, url: str | None, complaint: str
+) -> None:
+    env = sparc_env(DATABASE_URL=url or cli_database, DB_CONNECT_TIMEOUT="1")
+    result = run_sparc("purge", env=env, timeout=60)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("sparc:")]
+    assert len(errors) == 1 and complaint in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert "hunter2" not in result.stderr + result.stdout
 
 
 def purge_tasks() -> list[asyncio.Task[object]]:
