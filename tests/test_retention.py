@@ -23,7 +23,7 @@ from sparc.retention import (
 from sparc.security import hash_token
 from sparc.settings import Settings
 from sparc.throttle import LoginThrottle, account_key
-from tests.conftest import asyncpg_dsn, poll_until, poll_until_async, serving
+from tests.conftest import connection_to, poll_until, poll_until_async, serving
 from tests.helpers import bearer, token_for
 from tests.pgbouncer import running_pgbouncer
 from tests.processes import run_sparc, sparc_env
@@ -99,6 +99,22 @@ async def insert_throttle_rows(
 
 def spent_keys(count: int) -> list[str]:
     return [account_key(f"spent-{n}@example.org") for n in range(count)]
+
+
+@pytest.fixture
+async def second_admin(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """Another connection outside SPARC's pool, to hold locks while `admin` looks on."""
+    async with connection_to(database_url) as connection:
+        yield connection
+
+
+async def purge_lock_holders(admin: asyncpg.Connection) -> int:
+    count: int = await admin.fetchval(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        " AND (classid::bigint << 32 | objid::bigint) = $1",
+        PURGE_LOCK_KEY,
+    )
+    return count
 
 
 async def test_a_spray_of_unknown_emails_leaves_no_throttle_rows_once_the_window_passed(
@@ -274,16 +290,6 @@ async def test_behind_pgbouncer_each_batch_takes_and_frees_the_lock(
     assert await purge_lock_holders(admin) == 0
 
 
-@pytest.fixture
-async def second_admin(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    """Another connection outside SPARC's pool, to hold locks while `admin` looks on."""
-    connection = await asyncpg.connect(asyncpg_dsn(database_url))
-    try:
-        yield connection
-    finally:
-        await connection.close()
-
-
 async def test_a_purge_that_finds_the_lock_taken_skips_the_round(
     settings: Settings, admin: asyncpg.Connection, second_admin: asyncpg.Connection
 ) -> None:
@@ -296,15 +302,6 @@ async def test_a_purge_that_finds_the_lock_taken_skips_the_round(
     assert len(await throttle_rows(admin)) == 3
     done = await purge_now(settings)
     assert (done.lock_held_elsewhere, done.total) == (False, 3)
-
-
-async def purge_lock_holders(admin: asyncpg.Connection) -> int:
-    count: int = await admin.fetchval(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
-        " AND (classid::bigint << 32 | objid::bigint) = $1",
-        PURGE_LOCK_KEY,
-    )
-    return count
 
 
 async def test_two_purges_started_at_once_do_not_work_at_the_same_time(
@@ -362,11 +359,8 @@ def test_sparc_purge_prints_the_rows_deleted_per_table(cli_database: str) -> Non
     assert run_sparc("migrate", env=env).returncode == 0
 
     async def prepare() -> None:
-        connection = await asyncpg.connect(asyncpg_dsn(cli_database))
-        try:
+        async with connection_to(cli_database) as connection:
             await insert_one_of_each_stale_row(connection)
-        finally:
-            await connection.close()
 
     anyio.run(prepare)
     result = run_sparc("purge", env=env)
