@@ -116,14 +116,21 @@ def cli_database(server_url: str) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture
-async def admin(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    """A connection of the test's own, outside SPARC's pool, to look at what SPARC did."""
-    connection = await asyncpg.connect(asyncpg_dsn(database_url))
+@contextlib.asynccontextmanager
+async def connection_to(url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of the test's own to `url`, outside SPARC's pool."""
+    connection = await asyncpg.connect(asyncpg_dsn(url))
     try:
         yield connection
     finally:
         await connection.close()
+
+
+@pytest.fixture
+async def admin(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of the test's own, outside SPARC's pool, to look at what SPARC did."""
+    async with connection_to(database_url) as connection:
+        yield connection
 
 
 @pytest.fixture

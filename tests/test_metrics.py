@@ -38,6 +38,7 @@ EXPECTED = {
     "sparc_db_transaction_retries",
     "sparc_http_requests",
     "sparc_http_request_duration_seconds",
+    "sparc_purged_rows",
 }
 
 

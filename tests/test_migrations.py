@@ -15,6 +15,7 @@ pytestmark = pytest.mark.anyio
 TABLES_AFTER = {
     "0001": {"users", "sessions"},
     "0002": {"users", "sessions", "login_throttles", "auth_events"},
+    "0003": {"users", "sessions", "login_throttles", "auth_events"},
 }
 
 

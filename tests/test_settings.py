@@ -38,6 +38,7 @@ def test_defaults() -> None:
     assert settings.login_ip_max_failures == 50
     assert (settings.argon2_time_cost, settings.argon2_memory_kib) == (2, 19456)
     assert settings.argon2_parallelism == 1
+    assert (settings.audit_retention, settings.purge_interval) == (365 * 86400.0, 600.0)
 
 
 def test_every_variable_is_read() -> None:
@@ -72,6 +73,8 @@ def test_every_variable_is_read() -> None:
             "SPARC_ARGON2_TIME_COST": "3",
             "SPARC_ARGON2_MEMORY_KIB": "65536",
             "SPARC_ARGON2_PARALLELISM": "4",
+            "SPARC_AUDIT_RETENTION": "90d",
+            "SPARC_PURGE_INTERVAL": "1m",
         }
     )
     assert settings == Settings(
@@ -108,6 +111,8 @@ def test_every_variable_is_read() -> None:
         argon2_time_cost=3,
         argon2_memory_kib=65536,
         argon2_parallelism=4,
+        audit_retention=90 * 86400.0,
+        purge_interval=60.0,
     )
 
 
@@ -153,6 +158,10 @@ def test_every_variable_is_read() -> None:
         ("SPARC_ARGON2_TIME_COST", "0", "at least 1"),
         ("SPARC_ARGON2_MEMORY_KIB", "4", "at least 8"),
         ("SPARC_ARGON2_PARALLELISM", "0", "at least 1"),
+        ("SPARC_AUDIT_RETENTION", "0", "more than 0"),
+        ("SPARC_AUDIT_RETENTION", "a year", "not a duration"),
+        ("SPARC_PURGE_INTERVAL", "0s", "more than 0"),
+        ("SPARC_PURGE_INTERVAL", "-10m", "not a duration"),
     ],
 )
 def test_bad_value_names_the_variable_and_value(variable: str, value: str, complaint: str) -> None:

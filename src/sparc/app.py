@@ -1,4 +1,4 @@
-"""The Starlette application: routes, middleware, error handlers and the pool's lifespan."""
+"""The Starlette application: routes, middleware, error handlers, lifespan (pool, purge)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 
-from sparc import audit, auth, health, identity, metrics, openapi, sessions
+from sparc import audit, auth, health, identity, metrics, openapi, retention, sessions
 from sparc.database import DatabaseClient, DatabaseMiddleware
 from sparc.embedded import database_settings_async
 from sparc.problems import Problem, handle_http_exception, handle_problem, handle_server_error
@@ -35,7 +35,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         async with database_settings_async(settings) as resolved:
             await client.connect(database_url=resolved.database_url)
             try:
-                async with app_metrics.sampling(client):
+                # Stopped before the pool closes, so a purge batch in flight rolls back cleanly.
+                async with (
+                    app_metrics.sampling(client),
+                    retention.purging_in_background(client, settings, events=app_metrics),
+                ):
                     yield
             finally:
                 await client.disconnect()

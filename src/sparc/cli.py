@@ -1,4 +1,4 @@
-"""The `sparc` command: `sparc serve`, `sparc migrate` and `sparc loadtest`."""
+"""The `sparc` command: `sparc serve`, `sparc migrate`, `sparc purge` and `sparc loadtest`."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from collections.abc import Iterator, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, cast
 
-from sparc.database import DatabaseClient, DatabaseUnavailable
+from sparc.database import DatabaseClient, DatabaseUnavailable, QueryError
 from sparc.embedded import database_settings
 from sparc.migrations import upgrade
+from sparc.retention import purge
 from sparc.settings import (
     METRICS_DIRECTORY_VARIABLE,
     WORKERS_VARIABLE,
@@ -56,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_port, default=8000, help="port to bind (default 8000)")
     serve.add_argument("--workers", type=_positive, default=1, help="worker processes (default 1)")
     commands.add_parser("migrate", help="apply database migrations and exit")
+    commands.add_parser(
+        "purge",
+        help="delete expired sessions, spent throttle rows and old audit events now",
+        description="The background purge of `sparc serve`, run once: prints the rows deleted "
+        "per table. Waits for no other process: if one is purging, this one stops.",
+    )
     loadtest = commands.add_parser(
         "loadtest",
         help="load a running SPARC and check its connection count stays bounded",
@@ -124,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "loadtest":
         return _loadtest(args, settings)
     try:
+        if args.command == "purge":
+            with _stop_on_signals(), database_settings(settings) as settings:
+                return _purge(settings)
         workers = args.workers if args.command == "serve" else None
         with _stop_on_signals(), _database(settings, workers=workers) as settings:
             if args.command == "migrate":
@@ -168,6 +178,24 @@ async def _check_reachable(settings: Settings, workers: int | None) -> None:
                 f"{budget.held_by_others} held by other clients); lower DB_POOL_MAX_SIZE or "
                 f"--workers, or set DB_CONNECTION_BUDGET_CHECK=false behind PgBouncer"
             )
+
+
+def _purge(settings: Settings) -> int:
+    async def purge_once() -> None:
+        async with DatabaseClient(settings) as client:
+            report = await purge(client, settings)
+        for table, count in report.deleted.items():
+            print(f"{table}: {count} {'row' if count == 1 else 'rows'} deleted")
+        if report.lock_held_elsewhere:
+            print("another process is purging: it deletes the rest")
+
+    try:
+        asyncio.run(purge_once())
+    except QueryError as exc:
+        # Most likely a schema that `sparc migrate` has not brought up to date.
+        print(f"sparc: purge failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _serve(settings: Settings, *, host: str, port: int, workers: int) -> int:

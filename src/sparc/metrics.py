@@ -1,4 +1,4 @@
-"""Prometheus metrics: the pool, transactions and HTTP requests, summed across workers.
+"""Prometheus metrics: pool, transactions, HTTP requests and purge, summed across workers.
 
 With PROMETHEUS_MULTIPROC_DIR set (`sparc serve` sets it), every worker process writes its
 figures to files there and GET /metrics on any worker reports all of them.
@@ -33,6 +33,7 @@ from starlette.types import Scope
 
 from sparc.database import DatabaseClient, PoolEvents
 from sparc.openapi_parts import Operations, operation
+from sparc.retention import PURGED_TABLES, PurgeEvents
 from sparc.settings import metrics_directory
 from sparc.state import metrics_of
 
@@ -77,7 +78,7 @@ class _HistogramTally:
                 bucket.inc(count)
 
 
-class Metrics(PoolEvents):
+class Metrics(PoolEvents, PurgeEvents):
     """Every metric SPARC exports, on a registry of its own (one per app)."""
 
     def __init__(self) -> None:
@@ -147,6 +148,13 @@ class Metrics(PoolEvents):
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
+        purged_rows = Counter(
+            "sparc_purged_rows",
+            "Rows the retention purge deleted, by table.",
+            ["table"],
+            registry=registry,
+        )
+        self._purged_rows = {table: purged_rows.labels(table=table) for table in PURGED_TABLES}
         # What happened since the last flush(), by the counter or histogram it goes to.
         self._counts: dict[Counter, int] = {}
         self._acquire_waits = _HistogramTally(self.acquire_wait)
@@ -154,8 +162,8 @@ class Metrics(PoolEvents):
         # labels() looks children up by string each time; caching keeps it off the hot path.
         self._request_counters: dict[tuple[str, str, int], Counter] = {}
 
-    def _count(self, counter: Counter) -> None:
-        self._counts[counter] = self._counts.get(counter, 0) + 1
+    def _count(self, counter: Counter, amount: int = 1) -> None:
+        self._counts[counter] = self._counts.get(counter, 0) + amount
 
     def request_answered(self, scope: Scope, status: int, seconds: float) -> None:
         """Count one HTTP request by route template (not raw path), method and status, and
@@ -214,6 +222,10 @@ class Metrics(PoolEvents):
 
     def transaction_retried(self) -> None:
         self._count(self.retries)
+
+    # PurgeEvents
+    def rows_purged(self, table: str, count: int) -> None:
+        self._count(self._purged_rows[table], count)
 
     def sample_pool(self, client: DatabaseClient) -> None:
         stats = client.pool_stats()

@@ -91,6 +91,10 @@ class Settings:
     argon2_time_cost: int = 2
     argon2_memory_kib: int = 19 * 1024
     argon2_parallelism: int = 1
+    # Audit events (IP addresses, user agents: personal data) older than this are purged.
+    audit_retention: float = 365 * 86400.0
+    # How often each `sparc serve` process tries a purge; one process at a time does the work.
+    purge_interval: float = 600.0
 
     def __post_init__(self) -> None:
         if self.database_url is not None:
@@ -236,6 +240,8 @@ def load_settings(
         argon2_time_cost=reader.integer("SPARC_ARGON2_TIME_COST", 2, minimum=1),
         argon2_memory_kib=reader.integer("SPARC_ARGON2_MEMORY_KIB", 19 * 1024, minimum=8),
         argon2_parallelism=reader.integer("SPARC_ARGON2_PARALLELISM", 1, minimum=1),
+        audit_retention=reader.seconds("SPARC_AUDIT_RETENTION", 365 * 86400.0, allow_zero=False),
+        purge_interval=reader.seconds("SPARC_PURGE_INTERVAL", 600.0, allow_zero=False),
     )
 
 
