@@ -76,6 +76,8 @@ async def test_request_and_transaction_counts_move(http: httpx.AsyncClient) -> N
     for _ in range(3):
         assert (await http.get("/auth/me", headers=bearer(token))).status_code == 200
     assert (await register(http, "metrics@example.org")).status_code == 409
+    unknown = "/auth/sessions/00000000-0000-0000-0000-000000000000"
+    assert (await http.delete(unknown, headers=bearer(token))).status_code == 404
     after = await scrape(http)
 
     me = {"route": "/auth/me", "method": "GET", "status": "200"}
@@ -92,12 +94,11 @@ async def test_request_and_transaction_counts_move(http: httpx.AsyncClient) -> N
     )
     committed = value(after, "sparc_db_transactions_total", outcome="committed")
     rolled_back = value(after, "sparc_db_transactions_total", outcome="rolled_back")
-    assert (
-        committed - value(before, "sparc_db_transactions_total", outcome="committed") == 2
-    )  # register, login
+    # register, login, and the 409 (it keeps its count against the client's address)
+    assert committed - value(before, "sparc_db_transactions_total", outcome="committed") == 3
     assert (
         rolled_back - value(before, "sparc_db_transactions_total", outcome="rolled_back") == 1
-    )  # the 409
+    )  # the 404
     waits = value(after, "sparc_db_pool_acquire_wait_seconds_count")
     assert waits - value(before, "sparc_db_pool_acquire_wait_seconds_count") >= 6
     assert value(after, "sparc_db_connections_opened_total") >= 1

@@ -22,7 +22,7 @@ from sparc.retention import (
 )
 from sparc.security import hash_token
 from sparc.settings import Settings
-from sparc.throttle import LoginThrottle, account_key
+from sparc.throttle import LoginThrottle, account_key, login_key
 from tests.conftest import connection_to, poll_until, poll_until_async, serving
 from tests.helpers import bearer, token_for
 from tests.pgbouncer import running_pgbouncer
@@ -141,7 +141,11 @@ async def test_a_spray_of_unknown_emails_leaves_no_throttle_rows_once_the_window
     report = await purge_now(settings, events=batches)
 
     assert report.deleted["login_throttles"] == SPRAY
-    assert await throttle_rows(admin) == {account_key("victim@example.org")}
+    # The live lockout (per email and address) and its account's open window survive.
+    assert await throttle_rows(admin) == {
+        login_key("victim@example.org", None),
+        account_key("victim@example.org"),
+    }
     assert batches.batches == [("login_throttles", MAX_BATCH_ROWS)] * (SPRAY // MAX_BATCH_ROWS)
     async with DatabaseClient(settings) as client:
         with bind_db_client(client):
