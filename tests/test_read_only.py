@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import anyio
 import asyncpg
@@ -23,6 +24,7 @@ from sparc.settings import Settings
 from tests.conftest import poll_until, serving
 from tests.dbapp import tiny_app
 from tests.helpers import PASSWORD, assert_problem, bearer, login, register, token_for
+from tests.processes import run_sparc, sparc_env
 from tests.tcp_postgres import TcpPostgres, running
 
 pytestmark = [pytest.mark.anyio, pytest.mark.faults]
@@ -129,6 +131,35 @@ async def test_a_switchover_is_survived_without_a_restart(
     assert await users_on(old) == len(before)
 
 
+async def test_sparc_migrate_takes_several_hosts_and_migrates_the_writable_one(
+    servers: tuple[TcpPostgres, TcpPostgres], tmp_path: Path
+) -> None:
+    standby, primary = servers
+    for server in servers:
+        await server.set_read_only(False)
+        await server.create_database()
+    await standby.set_read_only(True)
+    try:
+        url = (
+            f"postgresql://postgres@127.0.0.1:{standby.port},127.0.0.1:{primary.port}/sparc"
+            "?target_session_attrs=read-write"
+        )
+        result = run_sparc("migrate", env=sparc_env(DATABASE_URL=url), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    finally:
+        await standby.set_read_only(False)
+    assert await has_schema(primary)
+    assert not await has_schema(standby)
+
+
+async def has_schema(server: TcpPostgres) -> bool:
+    connection = await asyncpg.connect(server.socket_url())
+    try:
+        return bool(await connection.fetchval("SELECT to_regclass('alembic_version') IS NOT NULL"))
+    finally:
+        await connection.close()
+
+
 async def registrations(http: httpx.AsyncClient, count: int) -> list[int]:
     statuses = []
     for _ in range(count):
@@ -161,3 +192,32 @@ async def test_a_lock_that_is_not_available_answers_503_not_500(
         assert_problem(response, 503)
         assert response.headers["retry-after"]
         assert app.state.client.pool_stats().in_use == 0
+
+
+async def test_a_lock_not_available_at_commit_answers_503_not_500(
+    settings: Settings, admin: asyncpg.Connection
+) -> None:
+    await admin.execute(
+        """
+        CREATE TABLE parents (id int PRIMARY KEY);
+        CREATE TABLE children (
+            parent_id int REFERENCES parents DEFERRABLE INITIALLY DEFERRED
+        );
+        INSERT INTO parents VALUES (1);
+        """
+    )
+
+    async def add_child(request: Request) -> Response:
+        db = get_db_client()
+        await db.execute("SET LOCAL lock_timeout = '100ms'")
+        # The foreign key is checked at COMMIT, where it needs a lock the admin holds.
+        await db.execute("INSERT INTO children VALUES (1)")
+        return JSONResponse({})
+
+    app = tiny_app(settings, add_child=add_child)
+    async with serving(app) as http, admin.transaction():
+        await admin.execute("SELECT * FROM parents WHERE id = 1 FOR UPDATE")
+        response = await http.post("/add_child")
+        assert_problem(response, 503)
+        assert response.headers["retry-after"]
+    assert await admin.fetchval("SELECT count(*) FROM children") == 0

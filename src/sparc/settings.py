@@ -163,8 +163,9 @@ def database_hosts(url: str) -> list[str]:
             continue
         # Parsed as a URL of its own, so IPv6 literals ([::1]:5432) and bad ports are handled.
         parts = urlsplit(f"//{address}")
+        parts.port  # noqa: B018 - urlsplit only validates the port when it is read
         if parts.hostname is None:
-            raise ValueError(f"{address!r} names no host")
+            continue  # no host: the Unix socket (postgresql://u@:5433/db)
         host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
         hosts.append(f"{host}:{parts.port or 5432}")
     return hosts

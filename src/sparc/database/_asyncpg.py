@@ -10,6 +10,7 @@ objects only through the Protocols of `sparc.database.driver`.
 from __future__ import annotations
 
 import enum
+import logging
 import re
 import socket
 import uuid
@@ -20,7 +21,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import databases
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL
 
 from sparc.database.driver import Connection, Pool
 from sparc.database.errors import (
@@ -33,6 +34,7 @@ from sparc.database.errors import (
 )
 
 _POSTGRESQL_SCHEMES = ("postgresql+asyncpg://", "postgresql://")
+logger = logging.getLogger("sparc.database")
 
 
 class Fate(enum.Enum):
@@ -172,16 +174,23 @@ def _watch_for_dead_peer(connection: Any, timeout: float) -> None:
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return  # a Unix socket has no peer to lose
     idle, interval, count = _keepalive_figures(timeout)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for option, value in (
+    options = [(socket.SOL_SOCKET, "SO_KEEPALIVE", 1)]
+    for name, value in (
         ("TCP_KEEPIDLE", idle),
         ("TCP_KEEPINTVL", interval),
         ("TCP_KEEPCNT", count),
         # Data sent but unacknowledged this long (a statement to a partitioned server).
         ("TCP_USER_TIMEOUT", round(timeout * 1000)),
     ):
-        if hasattr(socket, option):  # Linux has all four; other platforms fewer
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+        options.append((socket.IPPROTO_TCP, name, value))
+    for level, name, value in options:
+        if not hasattr(socket, name):
+            continue  # Linux has all of them; other platforms fewer
+        try:
+            sock.setsockopt(level, getattr(socket, name), value)
+        except OSError as exc:
+            # A kernel without the option must not cost every connection.
+            logger.warning("could not set %s on a database connection: %s", name, exc)
 
 
 def tcp_options(connection: Connection) -> dict[str, int]:
@@ -213,6 +222,17 @@ def due_for_recycling(connection: Connection) -> bool:
     except AttributeError:
         # Not laid out as the asyncpg we know: let its pool see every release and decide.
         return True
+
+
+def cut(connection: Connection) -> None:
+    """Terminate `connection` at once, even one asyncpg has already taken back (it may be
+    mid-release); one already closed is left alone."""
+    raw: Any = connection
+    if isinstance(connection, asyncpg.pool.PoolConnectionProxy):
+        proxy: Any = connection
+        raw = proxy._con if proxy._con is not None else proxy._holder._con
+    if raw is not None and not raw.is_closed():
+        raw.terminate()
 
 
 def cancel_pending(connection: Connection) -> bool:
@@ -296,14 +316,21 @@ def migration_engine_arguments(url: str, connect_timeout: float) -> tuple[URL, d
     """The SQLAlchemy URL and asyncpg connect arguments alembic's engine runs migrations with."""
     for scheme in _POSTGRESQL_SCHEMES:
         if url.startswith(scheme):
-            url = "postgresql+asyncpg://" + url[len(scheme) :]
+            dsn = "postgresql://" + url[len(scheme) :]
             break
     else:
         raise ValueError("not a postgresql:// URL")
-    # Behind PgBouncer (transaction mode) a server connection outlives our client connection:
-    # prepared statements must have unique names and not be reused across transactions.
-    engine_url = make_url(url).update_query_dict({"prepared_statement_cache_size": "0"})
+    # SQLAlchemy's URL holds one host; asyncpg reads every host (and the rest) from the DSN, so
+    # the engine's URL names only the database. Behind PgBouncer (transaction mode) a server
+    # connection outlives our client connection: prepared statements must have unique names
+    # and not be reused across transactions.
+    engine_url = URL.create(
+        "postgresql+asyncpg",
+        database=urlsplit(dsn).path.lstrip("/"),
+        query={"prepared_statement_cache_size": "0"},
+    )
     connect_args = {
+        "dsn": dsn,
         "timeout": connect_timeout,
         "statement_cache_size": 0,
         "prepared_statement_name_func": lambda: f"__sparc_migration_{uuid.uuid4().hex}__",

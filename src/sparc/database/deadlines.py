@@ -58,16 +58,22 @@ class Deadlines(Generic[C]):
         assert self._loop is not None
         now = self._loop.time()
         overdue = [connection for connection, due in self._running.items() if due <= now]
-        for connection in overdue:
-            del self._running[connection]
-            logger.warning(
-                "PostgreSQL did not answer a statement within %g s (DB_COMMAND_TIMEOUT); "
-                "cutting its connection",
-                self._timeout,
-            )
-            self._cut(connection)
-        if self._running:
-            self._timer = self._loop.call_at(min(self._running.values()), self._expire)
+        try:
+            for connection in overdue:
+                del self._running[connection]
+                logger.warning(
+                    "PostgreSQL did not answer a statement within %g s (DB_COMMAND_TIMEOUT); "
+                    "cutting its connection",
+                    self._timeout,
+                )
+                try:
+                    self._cut(connection)
+                except Exception:
+                    # One connection that cannot be cut must not leave the others unwatched.
+                    logger.exception("cutting an overdue connection failed")
+        finally:
+            if self._running:
+                self._timer = self._loop.call_at(min(self._running.values()), self._expire)
 
     def close(self) -> None:
         if self._timer is not None:

@@ -242,42 +242,65 @@ class ConnectionPool:
 
     async def release(self, connection: Connection, *, broken: bool, session_changed: bool) -> None:
         """Take `connection` back: discard it if broken, reset its session if a statement may
-        have changed it, else hand it straight to the oldest waiter or back to the pool."""
-        quiet = False  # nothing left for the driver's release to do on the wire
-        if is_closed(connection):
-            self.events.connection_discarded()
-            logger.warning("a database connection was lost; the pool will open a new one")
-        elif broken or cancel_pending(connection):
-            self.events.connection_discarded()
-            logger.warning("discarding a broken database connection")
-            connection.terminate()
-        elif session_changed:
-            # Undo what the request left in the session (settings, LISTEN, advisory locks...)
-            # before anyone else gets the connection.
-            try:
-                with anyio.fail_after(self.settings.connect_timeout):
-                    await connection.execute(connection.get_reset_query())
-            except Exception as exc:
-                logger.warning("could not reset a connection's session (%s); discarding it", exc)
-                self.events.connection_discarded()
-                connection.terminate()
-        else:
-            quiet = not connection.is_in_transaction()
-            # Clean and in demand: straight to the next request, as the driver's pool would
-            # hand it on anyway (unless it has served its max_queries and is due to close).
-            if quiet and not due_for_recycling(connection) and self.turns.hand_over(connection):
-                return
+        have changed it, else hand it straight to the oldest waiter or back to the pool.
+
+        Whatever happens, even a cancellation, the turn goes back once the driver has the
+        connection back (or it is cut, which gives it back at once).
+        """
         try:
-            # With every transaction ended, the driver's release does no I/O: no timeout (and
-            # no timer) is needed then.
-            timeout = None if quiet else self.settings.connect_timeout
-            await self._driver_pool().release(connection, timeout=timeout)
+            if is_closed(connection):
+                self.events.connection_discarded()
+                logger.warning("a database connection was lost; the pool will open a new one")
+            elif broken or cancel_pending(connection):
+                self._discard(connection, "it is broken")
+            elif session_changed:
+                await self._reset_session(connection)
+            elif not connection.is_in_transaction() and not due_for_recycling(connection):
+                # Clean and in demand: straight to the next request, as the driver's pool
+                # would hand it on anyway.
+                if self.turns.hand_over(connection):
+                    return
+                # Nothing left for the driver's release to do on the wire: no bound (and no
+                # timer) is needed.
+                await self._driver_release(connection, bound=None)
+                self.turns.give_back()
+                return
+            # In a transaction, or due to close (the driver's close waits for the server's
+            # goodbye): bounded.
+            await self._driver_release(connection, bound=self.settings.connect_timeout)
+        except BaseException:
+            self.turns.give_back()
+            raise
+        self.turns.give_back()
+
+    async def _reset_session(self, connection: Connection) -> None:
+        # Undo what the request left in the session (settings, LISTEN, advisory locks...)
+        # before anyone else gets the connection.
+        try:
+            with anyio.fail_after(self.settings.connect_timeout):
+                await connection.execute(connection.get_reset_query())
+        except BaseException as exc:
+            self._discard(connection, f"its session could not be reset ({exc!r})")
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _driver_release(self, connection: Connection, *, bound: float | None) -> None:
+        """Hand `connection` back to the driver's pool (a closed one it only forgets)."""
+        try:
+            await self._driver_pool().release(connection, timeout=bound)
+        except asyncio.CancelledError:
+            # The driver goes on releasing in the background, holding the connection; cut it,
+            # so the turn given back now comes with a connection the pool can replace.
+            _asyncpg.cut(connection)
+            raise
         except Exception as exc:
             # asyncpg has already terminated the connection; the pool replaces it on demand.
             logger.warning("a connection could not be reset and was discarded: %s", exc)
-        finally:
-            # Only now, with the connection back in the driver's pool, may the next request go.
-            self.turns.give_back()
+
+    def _discard(self, connection: Connection, why: str) -> None:
+        self.events.connection_discarded()
+        logger.warning("discarding a database connection: %s", why)
+        _asyncpg.cut(connection)
 
     def _release_orphan(self, connection: Connection) -> None:
         # A connection handed to a waiter that was cancelled before it could use it.
@@ -321,4 +344,4 @@ class ConnectionPool:
 
 def _cut(connection: Connection) -> None:
     # Terminate, never cancel: a cancel request to a frozen server hangs as well.
-    connection.terminate()
+    _asyncpg.cut(connection)

@@ -293,14 +293,18 @@ class UnitOfWork:
             # PostgreSQL ended the transaction: COMMIT failed, so it rolled back.
             self.pool.events.transaction_finished(committed=False)
             self._move(_NONE)
+            if _asyncpg.connection_fate(exc) is _DISCARD:
+                self._discard = True
             translated = _asyncpg.translate(exc)
+            message = f"the transaction could not be committed: {exc}"
             if isinstance(translated, TransactionConflict):
                 # SERIALIZABLE transactions may find out only at COMMIT that they lost.
-                raise TransactionConflict(
-                    f"the transaction could not be committed: {exc}",
-                    sqlstate=translated.sqlstate,
-                ) from None
-            raise CommitFailed(f"the transaction could not be committed: {exc}") from None
+                raise TransactionConflict(message, sqlstate=translated.sqlstate) from None
+            if isinstance(translated, DatabaseUnavailable):
+                # A deferred check that found no lock in time, a full disk, a read-only server:
+                # as unavailable at COMMIT as at any other statement.
+                raise type(translated)(message) from None
+            raise CommitFailed(message) from None
         if not deadlines.finish(connection):
             self._discard = True  # answered just as its deadline cut the connection
         self._move(_NONE)  # COMMIT ends the transaction whatever it answers
@@ -321,14 +325,17 @@ class UnitOfWork:
         with anyio.move_on_after(self.pool.settings.connect_timeout) as waiting:
             await self._lock.acquire()
         if waiting.cancelled_caught:
-            # A statement from a task the request spawned is still running. Cutting the
-            # connection ends it; that task returns the connection on its way out (run()).
-            logger.warning("a statement outlived its request; discarding its connection")
-            self._end_as(_ABANDONED)
-            self._break()
-            if self._connection is not None and not _asyncpg.is_closed(self._connection):
-                self._connection.terminate()
-            return
+            if self._lock.locked():
+                # A statement from a task the request spawned is still running. Cutting the
+                # connection ends it; that task, which holds the lock, notes the break and
+                # returns the connection on its way out (run()).
+                logger.warning("a statement outlived its request; discarding its connection")
+                self._end_as(_ABANDONED)
+                if self._connection is not None:
+                    _asyncpg.cut(self._connection)
+                return
+            # The statement ended just as the wait ran out: release as usual.
+            await self._lock.acquire()
         try:
             await self._release()
         finally:
