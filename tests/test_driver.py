@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 import pytest
 
@@ -16,7 +18,9 @@ from sparc.database import (
 from sparc.database._asyncpg import (
     DriverDatabase,
     Fate,
+    cancel_pending,
     connection_fate,
+    cut,
     migration_engine_arguments,
     refused_startup_setting,
     translate,
@@ -54,6 +58,37 @@ async def test_the_asyncpg_pool_is_found_inside_encode_databases(database_url: s
             )
         finally:
             await pool.release(connection, timeout=None)
+    finally:
+        await database.disconnect()
+
+
+async def test_a_cancel_under_way_is_seen_on_the_connection(database_url: str) -> None:
+    # Reads asyncpg's protocol state: should it be laid out differently, this fails here.
+    database = DriverDatabase(
+        database_url,
+        min_size=1,
+        max_size=1,
+        connect_timeout=5,
+        max_idle=60,
+        statement_cache_size=0,
+        server_settings={},
+        dead_peer_timeout=0,
+        on_connection_opened=lambda: None,
+        on_connection_closed=lambda: None,
+    )
+    pool = await database.connect()
+    try:
+        connection = await pool.acquire()
+        assert not cancel_pending(connection)
+        sleeping = asyncio.ensure_future(connection.execute("SELECT pg_sleep(5)"))
+        await asyncio.sleep(0.1)  # let the statement reach the server
+        sleeping.cancel()
+        await asyncio.gather(sleeping, return_exceptions=True)
+        # asyncpg counts the cancel as under way until the connection's next use waits for
+        # it; SPARC confirms such a connection with a statement of its own, or cuts it.
+        assert cancel_pending(connection)
+        cut(connection)
+        await pool.release(connection, timeout=5)
     finally:
         await database.disconnect()
 
