@@ -27,10 +27,11 @@ ALLOWED_SPARC_IMPORTS: dict[str, set[str]] = {
         *("_asyncpg", "deadlines", "driver", "errors", "events", "sql", "turns"),
         "sparc.settings",
     },
-    "unit": {"_asyncpg", "driver", "errors", "pool", "sql"},
+    "states": set(),
+    "unit": {"_asyncpg", "driver", "errors", "pool", "sql", "states"},
     "context": {"client", "unit"},
     "client": {
-        *("context", "driver", "events", "pool", "sql", "unit"),
+        *("context", "driver", "events", "pool", "sql", "states", "unit"),
         *("sparc.embedded", "sparc.settings"),
     },
     "middleware": {"client", "context", "errors", "replay", "unit", "sparc.problems"},

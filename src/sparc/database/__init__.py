@@ -8,7 +8,8 @@ The layout, one concept per module:
 - `turns`: connection turns, first come first served, under one timer.
 - `deadlines`: the client-side deadline of every statement, under one timer.
 - `pool`: acquire, release, hand-over, reconnect backoff, clean-ups, figures.
-- `unit`: the unit of work, its transaction states.
+- `states`: the unit of work's named states and their legal moves.
+- `unit`: the unit of work.
 - `context`: the context variables, `get_db_client`, `bind_db_client`.
 - `client`: `DatabaseClient`, the lifecycle and the query API.
 - `replay`: `retry_on_conflict`, when a replay is safe, the body kept for it.

@@ -13,7 +13,8 @@ from sparc.database.driver import Connection, Row
 from sparc.database.events import PoolEvents
 from sparc.database.pool import ConnectionPool, PoolStats
 from sparc.database.sql import Query, Values, prepare
-from sparc.database.unit import Lifecycle, UnitEnded, UnitOfWork
+from sparc.database.states import Lifecycle
+from sparc.database.unit import UnitEnded, UnitOfWork
 from sparc.embedded import database_settings_async
 from sparc.settings import Settings
 

@@ -286,13 +286,11 @@ class ConnectionPool:
 
     async def _driver_release(self, connection: Connection, *, bound: float | None) -> None:
         """Hand `connection` back to the driver's pool (a closed one it only forgets)."""
+        # Shielded by the driver: if we are cancelled, its release goes on and ends within
+        # `bound` (at once when it is None: then there is nothing to send), so the turn given
+        # back meanwhile waits at most that long for the connection.
         try:
             await self._driver_pool().release(connection, timeout=bound)
-        except asyncio.CancelledError:
-            # The driver goes on releasing in the background, holding the connection; cut it,
-            # so the turn given back now comes with a connection the pool can replace.
-            _asyncpg.cut(connection)
-            raise
         except Exception as exc:
             # asyncpg has already terminated the connection; the pool replaces it on demand.
             logger.warning("a connection could not be reset and was discarded: %s", exc)

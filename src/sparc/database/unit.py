@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
@@ -22,6 +21,7 @@ from sparc.database.errors import (
 )
 from sparc.database.pool import ConnectionPool
 from sparc.database.sql import changes_session
+from sparc.database.states import LIFECYCLE_MOVES, TRANSACTION_MOVES, Lifecycle, Transaction
 
 logger = logging.getLogger("sparc.database")
 
@@ -32,45 +32,10 @@ class UnitEnded(Exception):
     """The unit of work ended before this statement got its turn: run it outside the unit."""
 
 
-class Transaction(enum.Enum):
-    """Where the unit's transaction stands; the legal moves are in _TRANSACTION_MOVES."""
-
-    NONE = "none"  # no transaction open: the next transactional statement BEGINs one
-    OPEN = "open"  # BEGIN answered; statements run inside the transaction
-    # BEGIN or COMMIT was cancelled midway, so whether a transaction is open is unknown: no
-    # statement may run (it could land in autocommit) and nothing may commit; the clean-up's
-    # ROLLBACK closes whatever is open and leaves the connection usable.
-    INTERRUPTED = "interrupted"
-    BROKEN = "broken"  # the connection failed or was cut: nothing more runs; it is discarded
-
-
-class Lifecycle(enum.Enum):
-    """Where the unit itself stands: ACTIVE, then ENDED, possibly then ABANDONED."""
-
-    ACTIVE = "active"  # statements of its request run in it
-    ENDED = "ended"  # end() was called: later statements run outside it
-    # end() gave up waiting for a statement still running in a child task: the connection was
-    # cut, and that task returns it on its way out.
-    ABANDONED = "abandoned"
-
-
 _NONE, _OPEN = Transaction.NONE, Transaction.OPEN
 _INTERRUPTED, _BROKEN = Transaction.INTERRUPTED, Transaction.BROKEN
 _ACTIVE, _ENDED, _ABANDONED = Lifecycle.ACTIVE, Lifecycle.ENDED, Lifecycle.ABANDONED
 _LOST, _DISCARD = _asyncpg.Fate.LOST, _asyncpg.Fate.DISCARD
-
-_TRANSACTION_MOVES: dict[Transaction, frozenset[Transaction]] = {
-    _NONE: frozenset({_OPEN, _INTERRUPTED, _BROKEN}),
-    # COMMIT answered (whatever it said) or ROLLBACK done; COMMIT cancelled; connection lost.
-    _OPEN: frozenset({_NONE, _INTERRUPTED, _BROKEN}),
-    _INTERRUPTED: frozenset({_NONE, _BROKEN}),
-    _BROKEN: frozenset(),
-}
-_LIFECYCLE_MOVES: dict[Lifecycle, frozenset[Lifecycle]] = {
-    _ACTIVE: frozenset({_ENDED}),
-    _ENDED: frozenset({_ABANDONED}),
-    _ABANDONED: frozenset(),
-}
 
 
 class UnitOfWork:
@@ -129,7 +94,7 @@ class UnitOfWork:
         return transaction is _OPEN or transaction is _INTERRUPTED or self._transaction_lost
 
     def _move(self, to: Transaction) -> None:
-        if to not in _TRANSACTION_MOVES[self.transaction]:
+        if to not in TRANSACTION_MOVES[self.transaction]:
             raise AssertionError(f"a unit of work cannot go from {self.transaction} to {to}")
         self.transaction = to
 
@@ -143,7 +108,7 @@ class UnitOfWork:
         self._move(_BROKEN)
 
     def _end_as(self, to: Lifecycle) -> None:
-        if to not in _LIFECYCLE_MOVES[self.lifecycle]:
+        if to not in LIFECYCLE_MOVES[self.lifecycle]:
             raise AssertionError(f"a unit of work cannot go from {self.lifecycle} to {to}")
         self.lifecycle = to
 
