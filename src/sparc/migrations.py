@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -16,6 +18,18 @@ def script_location() -> Path:
         if (candidate / "env.py").is_file():
             return candidate
     raise RuntimeError(f"SPARC's alembic scripts are missing (looked beside {_PACKAGE_DIR})")
+
+
+@functools.cache
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory(str(script_location()))
+
+
+def head_revision() -> str:
+    """The revision this release's migrations end at."""
+    head = _scripts().get_current_head()
+    assert head is not None, "SPARC's migrations have one head"
+    return head
 
 
 def alembic_config(database_url: str) -> Config:
