@@ -7,7 +7,14 @@ import asyncpg
 import pytest
 from alembic.script import ScriptDirectory
 
-from sparc.migrations import alembic_config, downgrade, upgrade
+from sparc.migrations import (
+    SchemaPosition,
+    alembic_config,
+    downgrade,
+    head_revision,
+    schema_position,
+    upgrade,
+)
 from tests.conftest import asyncpg_dsn
 
 pytestmark = pytest.mark.anyio
@@ -43,3 +50,18 @@ async def test_each_revision_upgrades_and_downgrades(database_url: str) -> None:
     for revision in chain:
         await anyio.to_thread.run_sync(upgrade, database_url, revision)
         assert await tables(database_url) == TABLES_AFTER[revision]
+
+
+@pytest.mark.parametrize(
+    ("revision", "position"),
+    [
+        (None, SchemaPosition.BEHIND),  # never migrated, or downgraded to base
+        ("0001", SchemaPosition.BEHIND),
+        (head_revision(), SchemaPosition.AT_HEAD),
+        ("a_revision_of_a_newer_release", SchemaPosition.AHEAD),
+    ],
+)
+def test_a_schema_stands_behind_at_or_ahead_of_the_code(
+    revision: str | None, position: SchemaPosition
+) -> None:
+    assert schema_position(revision) is position
