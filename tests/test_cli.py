@@ -148,8 +148,8 @@ def test_with_migrate_off_serve_refuses_a_fresh_database_until_sparc_migrate_has
     refused = run_sparc("serve", "--port", str(free_port()), env=env, cwd=tmp_path)
     assert refused.returncode == 1
     assert _errors(refused) == [
-        f"sparc: the schema of {cli_database} is at revision none, behind this release's "
-        f"{head_revision()}: run `sparc migrate` first (SPARC_MIGRATE=off)"
+        f"sparc: the schema of {cli_database} has no revision (never migrated), behind this "
+        f"release's {head_revision()}: run `sparc migrate` first (SPARC_MIGRATE=off)"
     ]
     assert _tables(cli_database) == set()  # serve did not migrate
     migrated = run_sparc("migrate", env=env, cwd=tmp_path)  # the release step of its own

@@ -192,7 +192,8 @@ def _check_schema(settings: Settings, revision: str | None) -> None:
     since every migration keeps the previous release working."""
     head = head_revision()
     position = schema_position(revision)
-    where = f"the schema of {settings.masked_database_url} is at revision {revision or 'none'}"
+    found = f"is at revision {revision}" if revision else "has no revision (never migrated)"
+    where = f"the schema of {settings.masked_database_url} {found}"
     if position is SchemaPosition.BEHIND:
         raise SchemaBehind(
             f"{where}, behind this release's {head}: run `sparc migrate` first (SPARC_MIGRATE=off)"
