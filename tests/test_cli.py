@@ -15,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sparc.migrations import head_revision, upgrade
+from sparc.settings import mask_password
 from tests.conftest import REPO_ROOT, asyncpg_dsn
 from tests.processes import (
     free_port,
@@ -148,8 +149,8 @@ def test_with_migrate_off_serve_refuses_a_fresh_database_until_sparc_migrate_has
     refused = run_sparc("serve", "--port", str(free_port()), env=env, cwd=tmp_path)
     assert refused.returncode == 1
     assert _errors(refused) == [
-        f"sparc: the schema of {cli_database} has no revision (never migrated), behind this "
-        f"release's {head_revision()}: run `sparc migrate` first (SPARC_MIGRATE=off)"
+        f"sparc: the schema of {mask_password(cli_database)} has no revision (never migrated), "
+        f"behind this release's {head_revision()}: run `sparc migrate` first (SPARC_MIGRATE=off)"
     ]
     assert _tables(cli_database) == set()  # serve did not migrate
     migrated = run_sparc("migrate", env=env, cwd=tmp_path)  # the release step of its own
