@@ -66,15 +66,20 @@ def postgres_processes_using(data_dir: Path) -> list[psutil.Process]:
 
 def start_serve(env: dict[str, str], *args: str, cwd: Path) -> tuple[subprocess.Popen[str], str]:
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sparc", "serve", "--port", str(port), *args],
+    process = start_sparc("serve", "--port", str(port), *args, env=env, cwd=cwd)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def start_sparc(*args: str, env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
+    """Start a `sparc` command without waiting for it; what it logs is on its stderr."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "sparc", *args],
         env=env,
         cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
-    return process, f"http://127.0.0.1:{port}"
 
 
 def run_sparc(

@@ -14,6 +14,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from sparc.migrations import head_revision, upgrade
+from sparc.settings import mask_password
 from tests.conftest import REPO_ROOT, asyncpg_dsn
 from tests.processes import (
     free_port,
@@ -140,20 +142,80 @@ def test_alembic_upgrade_and_downgrade_from_the_repo_root(cli_database: str) -> 
         assert _tables(cli_database) - {"alembic_version"} == expected
 
 
+def test_with_migrate_off_serve_refuses_a_fresh_database_until_sparc_migrate_has_run(
+    cli_database: str, tmp_path: Path
+) -> None:
+    env = sparc_env(DATABASE_URL=cli_database, SPARC_MIGRATE="off")
+    refused = run_sparc("serve", "--port", str(free_port()), env=env, cwd=tmp_path)
+    assert refused.returncode == 1
+    assert _errors(refused) == [
+        f"sparc: the schema of {mask_password(cli_database)} has no revision (never migrated), "
+        f"behind this release's {head_revision()}: run `sparc migrate` first (SPARC_MIGRATE=off)"
+    ]
+    assert _tables(cli_database) == set()  # serve did not migrate
+    migrated = run_sparc("migrate", env=env, cwd=tmp_path)  # the release step of its own
+    assert migrated.returncode == 0, migrated.stderr
+    process, base = start_serve(env, cwd=tmp_path)
+    try:
+        schema = poll(f"{base}/readyz", process=process).json()["schema"]
+        assert schema == {"revision": head_revision(), "head": head_revision()}
+    finally:
+        code, stderr = stop(process)
+    assert code == 0, stderr
+    assert "Running upgrade" not in stderr
+
+
+def test_with_migrate_off_serve_refuses_a_schema_one_revision_behind(
+    cli_database: str, tmp_path: Path
+) -> None:
+    upgrade(cli_database, "0001")
+    env = sparc_env(DATABASE_URL=cli_database, SPARC_MIGRATE="off")
+    refused = run_sparc("serve", "--port", str(free_port()), env=env, cwd=tmp_path)
+    assert refused.returncode == 1
+    [error] = _errors(refused)
+    assert f"is at revision 0001, behind this release's {head_revision()}" in error
+    assert "run `sparc migrate` first" in error
+    assert "Traceback" not in refused.stderr
+
+
+def test_with_migrate_off_serve_warns_about_a_schema_a_newer_release_migrated_and_serves(
+    cli_database: str, tmp_path: Path
+) -> None:
+    upgrade(cli_database)
+    _execute(cli_database, "UPDATE alembic_version SET version_num = 'from_a_newer_release'")
+    env = sparc_env(DATABASE_URL=cli_database, SPARC_MIGRATE="off")
+    process, base = start_serve(env, cwd=tmp_path)
+    try:
+        schema = poll(f"{base}/readyz", process=process).json()["schema"]
+        assert schema == {"revision": "from_a_newer_release", "head": head_revision()}
+    finally:
+        code, stderr = stop(process)
+    assert code == 0, stderr
+    [warning] = [line for line in stderr.splitlines() if line.startswith("WARNING")]
+    assert "at revision from_a_newer_release, which this release" in warning
+    assert "a newer release has migrated it; serving on" in warning
+
+
+def _errors(result: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("sparc:")]
+
+
 def _tables(url: str) -> set[str]:
+    rows = _execute(url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+    return {row["tablename"] for row in rows}
+
+
+def _execute(url: str, sql: str) -> list[asyncpg.Record]:
     import anyio
 
-    async def names() -> set[str]:
+    async def run() -> list[asyncpg.Record]:
         connection = await asyncpg.connect(asyncpg_dsn(url))
         try:
-            rows = await connection.fetch(
-                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
-            )
-            return {row["tablename"] for row in rows}
+            return await connection.fetch(sql)
         finally:
             await connection.close()
 
-    return anyio.run(names)
+    return anyio.run(run)
 
 
 @pytest.mark.faults

@@ -6,6 +6,7 @@ import asyncpg
 import httpx
 import pytest
 
+from sparc.migrations import head_revision
 from tests.conftest import asyncpg_dsn, poll_until_async
 
 pytestmark = pytest.mark.anyio
@@ -26,6 +27,21 @@ async def test_readyz_reports_the_pool(http: httpx.AsyncClient) -> None:
     assert body["pool"]["max"] == 5
     assert body["pool"]["in_use"] == 0
     assert body["pool"]["size"] >= 1
+
+
+async def test_readyz_reports_the_schema_revision_it_finds_on_each_probe(
+    http: httpx.AsyncClient, admin: asyncpg.Connection
+) -> None:
+    head = head_revision()
+    assert (await http.get("/readyz")).json()["schema"] == {"revision": head, "head": head}
+    # A newer release migrates under this running instance, as in a rolling upgrade.
+    await admin.execute("UPDATE alembic_version SET version_num = 'from_a_newer_release'")
+    schema = (await http.get("/readyz")).json()["schema"]
+    assert schema == {"revision": "from_a_newer_release", "head": head}
+    await admin.execute("DROP TABLE alembic_version")
+    answer = await http.get("/readyz")
+    assert answer.status_code == 200
+    assert answer.json()["schema"] == {"revision": None, "head": head}
 
 
 async def test_readyz_is_503_when_the_database_refuses_connections(

@@ -32,6 +32,7 @@ def test_defaults() -> None:
     assert settings.connection_budget_check is True
     assert settings.pgbouncer is False
     assert (settings.retry_attempts, settings.shutdown_grace) == (3, 25.0)
+    assert (settings.migrate, settings.migration_lock_timeout) == ("auto", 300.0)
     assert settings.data_dir == DEFAULT_DATA_DIR
     assert (settings.token_ttl, settings.token_idle_timeout) == (43200.0, 1800.0)
     assert (settings.login_max_failures, settings.login_window) == (5, 900.0)
@@ -60,6 +61,8 @@ def test_every_variable_is_read() -> None:
             "DB_PGBOUNCER": "yes",
             "DB_RETRY_ATTEMPTS": "5",
             "SPARC_SHUTDOWN_GRACE": "10s",
+            "SPARC_MIGRATE": "OFF",
+            "SPARC_MIGRATION_LOCK_TIMEOUT": "90s",
             "SPARC_DATA_DIR": "/srv/sparc",
             "SPARC_TOKEN_TTL": "1h",
             "SPARC_TOKEN_IDLE_TIMEOUT": "10m",
@@ -94,6 +97,8 @@ def test_every_variable_is_read() -> None:
         pgbouncer=True,
         retry_attempts=5,
         shutdown_grace=10.0,
+        migrate="off",
+        migration_lock_timeout=90.0,
         data_dir=Path("/srv/sparc"),
         token_ttl=3600.0,
         token_idle_timeout=600.0,
@@ -146,6 +151,10 @@ def test_every_variable_is_read() -> None:
         ("DB_PGBOUNCER", "transaction", "not a boolean"),
         ("DB_RETRY_ATTEMPTS", "-1", "at least 0"),
         ("SPARC_SHUTDOWN_GRACE", "a while", "not a duration"),
+        ("SPARC_MIGRATE", "never", "is not one of: auto, off"),
+        ("SPARC_MIGRATE", "false", "is not one of: auto, off"),
+        ("SPARC_MIGRATION_LOCK_TIMEOUT", "0", "more than 0"),
+        ("SPARC_MIGRATION_LOCK_TIMEOUT", "5 minutes", "not a duration"),
         ("SPARC_TOKEN_TTL", "0", "more than 0"),
         ("SPARC_TOKEN_IDLE_TIMEOUT", "forever", "not a duration"),
         ("SPARC_LOGIN_MAX_FAILURES", "0", "at least 1"),
@@ -241,6 +250,7 @@ def test_dotenv_in_the_working_directory_is_honoured(
         ("DB_POOL_MAX_SIZE", "lots"),
         ("DATABASE_URL", "mysql://root:pw@h/db"),
         ("DB_POOL_TIMEOUT", "-1"),
+        ("SPARC_MIGRATE", "sometimes"),
     ],
 )
 def test_sparc_stops_with_exit_2_and_one_line(tmp_path: Path, variable: str, value: str) -> None:

@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING, cast
 
 from sparc.database import DatabaseClient, DatabaseUnavailable, QueryError
 from sparc.embedded import database_settings
-from sparc.migrations import upgrade
+from sparc.migrations import (
+    SchemaPosition,
+    head_revision,
+    schema_position,
+    schema_revision,
+    upgrade,
+)
 from sparc.retention import purge
 from sparc.settings import (
     METRICS_DIRECTORY_VARIABLE,
@@ -45,6 +51,10 @@ class MigrationFailed(Exception):
     """`alembic upgrade head` failed; nothing of the failed revision was applied."""
 
 
+class SchemaBehind(Exception):
+    """With SPARC_MIGRATE=off, the schema is older than this release's code needs."""
+
+
 class _Stop(Exception):
     """SIGTERM or SIGINT arrived: unwind so the embedded PostgreSQL is stopped on the way out."""
 
@@ -52,7 +62,9 @@ class _Stop(Exception):
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparc", description="SPARC auth service")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="apply migrations, then serve HTTP")
+    serve = commands.add_parser(
+        "serve", help="apply migrations (unless SPARC_MIGRATE=off), then serve HTTP"
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=_port, default=8000, help="port to bind (default 8000)")
     serve.add_argument("--workers", type=_positive, default=1, help="worker processes (default 1)")
@@ -141,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(settings, host=args.host, port=args.port, workers=args.workers)
     except _Stop:
         return 0
-    except (DatabaseUnavailable, MigrationFailed, ConnectionBudgetExceeded) as exc:
+    except (DatabaseUnavailable, MigrationFailed, SchemaBehind, ConnectionBudgetExceeded) as exc:
         print(f"sparc: {exc}", file=sys.stderr)
         return 1
 
@@ -150,22 +162,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _database(settings: Settings, *, workers: int | None) -> Iterator[Settings]:
     """Resolve the database (starting the embedded one if needed), check it, migrate it.
 
-    For `serve` (`workers` given) also check that the pools fit in the server's connections."""
+    For `serve` (`workers` given) also check that the pools fit in the server's connections;
+    with SPARC_MIGRATE=off, check the schema instead of migrating it."""
     with database_settings(settings) as settings:
-        asyncio.run(_check_reachable(settings, workers))
-        assert settings.database_url is not None
-        try:
-            upgrade(settings.database_url)
-        except Exception as exc:
-            raise MigrationFailed(
-                f"migrating {settings.masked_database_url} failed: {exc}"
-            ) from None
-        logger.info("database schema is up to date (%s)", settings.masked_database_url)
+        migrates = workers is None or settings.migrate == "auto"
+        asyncio.run(_check_reachable(settings, workers, check_schema=not migrates))
+        if migrates:
+            assert settings.database_url is not None
+            try:
+                upgrade(settings.database_url)
+            except Exception as exc:
+                raise MigrationFailed(
+                    f"migrating {settings.masked_database_url} failed: {exc}"
+                ) from None
+            logger.info("database schema is up to date (%s)", settings.masked_database_url)
         yield settings
 
 
-async def _check_reachable(settings: Settings, workers: int | None) -> None:
+async def _check_reachable(settings: Settings, workers: int | None, *, check_schema: bool) -> None:
     async with DatabaseClient(settings) as client:
+        if check_schema:
+            _check_schema(settings, await schema_revision(client))
         if workers is None or not settings.connection_budget_check:
             return
         budget = await client.connection_budget()
@@ -196,6 +213,28 @@ def _purge(settings: Settings) -> int:
         print(f"sparc: purge failed: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _check_schema(settings: Settings, revision: str | None) -> None:
+    """SPARC_MIGRATE=off: refuse a schema older than the code; serve on one that is newer,
+    since every migration keeps the previous release working."""
+    head = head_revision()
+    position = schema_position(revision)
+    found = f"is at revision {revision}" if revision else "has no revision (never migrated)"
+    where = f"the schema of {settings.masked_database_url} {found}"
+    if position is SchemaPosition.BEHIND:
+        raise SchemaBehind(
+            f"{where}, behind this release's {head}: run `sparc migrate` first (SPARC_MIGRATE=off)"
+        )
+    if position is SchemaPosition.AHEAD:
+        logger.warning(
+            "%s, which this release (head %s) does not know: a newer release has migrated it; "
+            "serving on, as migrations keep the previous release working",
+            where,
+            head,
+        )
+    else:
+        logger.info("%s, this release's head (SPARC_MIGRATE=off: not migrating)", where)
 
 
 def _serve(settings: Settings, *, host: str, port: int, workers: int) -> int:

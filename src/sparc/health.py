@@ -9,6 +9,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sparc.database import get_db_client
+from sparc.migrations import head_revision, schema_revision
 from sparc.openapi_parts import Operations, json_answer, operation
 from sparc.settings import serve_workers
 
@@ -18,12 +19,13 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """200 with this worker's pool figures and the service's connection bound when a pooled
-    connection answers SELECT 1; else 503."""
+    """200 with this worker's pool figures, the service's connection bound and the schema's
+    revision when a pooled connection answers; else 503."""
     db = get_db_client()
     pool = db.pool_stats()  # read before this probe takes a connection of its own
-    # A DatabaseUnavailable raised here becomes a 503 problem in DatabaseMiddleware.
-    await db.fetch_one_before_transaction("SELECT 1")
+    # Read on every probe, in place of a SELECT 1: during a rolling upgrade it moves on under
+    # a running instance. A DatabaseUnavailable becomes a 503 problem in DatabaseMiddleware.
+    revision = await schema_revision(db)
     figures = asdict(pool)
     workers = serve_workers()
     return JSONResponse(
@@ -33,6 +35,7 @@ async def readyz(request: Request) -> Response:
             # The most connections the service may open: each worker has a pool of its own.
             "workers": workers,
             "connection_bound": workers * pool.max,
+            "schema": {"revision": revision, "head": head_revision()},
         }
     )
 
@@ -45,6 +48,6 @@ operations: Operations = {
     healthz: operation("Liveness: the process runs", {"200": json_answer("Health", "Alive.")}),
     readyz: operation(
         "Readiness: a pooled connection answers",
-        {"200": json_answer("Ready", "Ready, with the pool's figures.")},
+        {"200": json_answer("Ready", "Ready, with the pool's figures and the schema revision.")},
     ),
 }

@@ -158,7 +158,7 @@ SCHEMAS: dict[str, Any] = {
     },
     "Ready": {
         "type": "object",
-        "required": ["status", "pool", "workers", "connection_bound"],
+        "required": ["status", "pool", "workers", "connection_bound", "schema"],
         "properties": {
             "status": {"const": "ready"},
             "pool": {
@@ -175,6 +175,21 @@ SCHEMAS: dict[str, Any] = {
                 "type": "integer",
                 "minimum": 1,
                 "description": "workers times DB_POOL_MAX_SIZE: the most connections SPARC opens.",
+            },
+            "schema": {
+                "type": "object",
+                "required": ["revision", "head"],
+                "properties": {
+                    "revision": {
+                        "type": ["string", "null"],
+                        "description": "The database's alembic revision; null if never migrated.",
+                    },
+                    "head": {
+                        "type": "string",
+                        "description": "The revision this release's migrations end at.",
+                    },
+                },
+                "additionalProperties": False,
             },
         },
         "additionalProperties": False,

@@ -9,6 +9,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import platformdirs
@@ -30,6 +31,11 @@ _DURATION = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?$")
 _BOOLEANS = {"true": True, "1": True, "yes": True, "on": True}
 _BOOLEANS |= {"false": False, "0": False, "no": False, "off": False}
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+# SPARC_MIGRATE: "auto" lets `sparc serve` migrate before it serves; with "off" migrating is a
+# release step of its own (`sparc migrate`) and `sparc serve` only checks the schema.
+MigrateMode = Literal["auto", "off"]
+MIGRATE_MODES: tuple[MigrateMode, ...] = ("auto", "off")
+_Choice = TypeVar("_Choice", bound=str)
 
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -74,6 +80,9 @@ class Settings:
     retry_attempts: int = 3
     # On SIGTERM: how long in-flight requests may run on before they are cancelled.
     shutdown_grace: float = 25.0
+    migrate: MigrateMode = "auto"
+    # How long a migration waits for another instance's to finish before it gives up.
+    migration_lock_timeout: float = 300.0
     data_dir: Path = DEFAULT_DATA_DIR
     token_ttl: float = 12 * 3600.0
     token_idle_timeout: float = 30 * 60.0
@@ -224,6 +233,10 @@ def load_settings(
         connection_budget_check=reader.boolean("DB_CONNECTION_BUDGET_CHECK", not pgbouncer),
         retry_attempts=reader.integer("DB_RETRY_ATTEMPTS", 3, minimum=0),
         shutdown_grace=reader.seconds("SPARC_SHUTDOWN_GRACE", 25.0, allow_zero=True),
+        migrate=reader.choice("SPARC_MIGRATE", MIGRATE_MODES, "auto"),
+        migration_lock_timeout=reader.seconds(
+            "SPARC_MIGRATION_LOCK_TIMEOUT", 300.0, allow_zero=False
+        ),
         data_dir=reader.path("SPARC_DATA_DIR", DEFAULT_DATA_DIR),
         token_ttl=reader.seconds("SPARC_TOKEN_TTL", 12 * 3600.0, allow_zero=False),
         token_idle_timeout=reader.seconds("SPARC_TOKEN_IDLE_TIMEOUT", 1800.0, allow_zero=False),
@@ -331,6 +344,15 @@ class _Reader:
                     f"{name}={raw!r}: {text!r} is not an IP address or CIDR range"
                 ) from None
         return tuple(networks)
+
+    def choice(self, name: str, choices: tuple[_Choice, ...], default: _Choice) -> _Choice:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        for choice in choices:
+            if raw.lower() == choice:
+                return choice
+        raise SettingsError(f"{name}={raw!r} is not one of: {', '.join(choices)}")
 
     def boolean(self, name: str, default: bool) -> bool:
         raw = self._raw(name)
