@@ -25,13 +25,14 @@ PASSWORD_MAX_LENGTH = 256
 # by PASSWORD_MAX_LENGTH alone, so nobody can make us hash megabytes.
 GIVEN_PASSWORD_MIN_LENGTH = 1
 EMAIL_MAX_LENGTH = 254
-_EMAIL_SHAPE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+# No control characters either: an address never holds one, and it is shown back and compared.
+_EMAIL_PART = r"[^@\s\x00-\x1f\x7f]+"
+_EMAIL_SHAPE = re.compile(rf"^{_EMAIL_PART}@{_EMAIL_PART}\.{_EMAIL_PART}$")
 
 
 def _check_email(errors: FieldErrors, body: dict[str, object]) -> str:
     email = errors.string(body, "email", min_length=3, max_length=EMAIL_MAX_LENGTH).strip()
-    already_wrong = any(error["field"] == "email" for error in errors.errors)
-    if email and not already_wrong and not _EMAIL_SHAPE.match(email):
+    if email and not errors.has("email") and not _EMAIL_SHAPE.match(email):
         errors.add("email", "is not an email address")
     return email
 
