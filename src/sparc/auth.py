@@ -11,6 +11,7 @@ from starlette.routing import Route
 
 from sparc import audit
 from sparc.clients import client_ip, client_user_agent
+from sparc.common_passwords import is_common
 from sparc.database import get_db_client, retry_on_conflict
 from sparc.identity import BEARER_CHALLENGE, current_user
 from sparc.openapi_parts import NO_CONTENT, Operations, json_answer, operation, problem_answer
@@ -38,9 +39,13 @@ def _check_email(errors: FieldErrors, body: dict[str, object]) -> str:
 
 
 def _check_new_password(errors: FieldErrors, body: dict[str, object], field: str) -> str:
-    return errors.string(
+    """A password being set (register, change): the length bounds, and not a common one."""
+    password = errors.string(
         body, field, min_length=PASSWORD_MIN_LENGTH, max_length=PASSWORD_MAX_LENGTH
     )
+    if not errors.has(field) and is_common(password):
+        errors.add(field, "is too common: it is on a list of passwords attackers try first")
+    return password
 
 
 def _check_given_password(errors: FieldErrors, body: dict[str, object], field: str) -> str:
