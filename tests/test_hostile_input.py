@@ -7,7 +7,9 @@ import asyncpg
 import httpx
 import pytest
 
+from sparc.clients import USER_AGENT_MAX_LENGTH
 from sparc.payloads import UNSTORABLE_MESSAGE
+from sparc.text import storable_text
 from tests.helpers import PASSWORD, assert_problem, bearer, login, register, token_for
 
 pytestmark = pytest.mark.anyio
@@ -173,3 +175,44 @@ async def test_a_query_parameter_that_is_not_ascii_digits_is_a_422(
     token = await token_for(http, EMAIL)
     response = await http.get(f"/auth/events?{query}", headers=bearer(token))
     assert_problem(response, 422)
+
+
+@pytest.mark.parametrize(
+    ("sent", "stored"),
+    [
+        ("Mozilla/5.0 (X11; Linux x86_64)", "Mozilla/5.0 (X11; Linux x86_64)"),
+        ("evil\x1b[2J\x1b[31m", "evil\\x1b[2J\\x1b[31m"),
+        ("tab\tand one-byte CSI \x9b31m", "tab\\tand one-byte CSI \\x9b31m"),
+        ("line\nINFO:     sparc: forged\r", "line\\nINFO:     sparc: forged\\r"),
+        ("x" * 600, "x" * USER_AGENT_MAX_LENGTH),
+        # An escape that would not fit whole is left out rather than cut in half.
+        ("x" * (USER_AGENT_MAX_LENGTH - 2) + "\x1b", "x" * (USER_AGENT_MAX_LENGTH - 2)),
+        ("\x07" * 600, "\\x07" * (USER_AGENT_MAX_LENGTH // 4)),
+    ],
+)
+def test_a_user_agent_is_stored_escaped_and_cut(sent: str, stored: str) -> None:
+    assert storable_text(sent, USER_AGENT_MAX_LENGTH) == stored
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="until sparc.clients.client_user_agent stores sparc.text.storable_text(header, "
+    "USER_AGENT_MAX_LENGTH): clients.py is changed on the trusted-proxies branch",
+)
+async def test_control_characters_in_a_user_agent_are_stored_escaped(
+    http: httpx.AsyncClient,
+) -> None:
+    # Over HTTP a header can carry tabs and bytes 0x80-0xff (read as Latin-1: \x9b is a CSI).
+    await register(http, EMAIL)
+    response = await http.post(
+        "/auth/login",
+        json={"email": EMAIL, "password": PASSWORD},
+        headers={"user-agent": b"agent\t\x9b2J\x1b[31m"},
+    )
+    token = response.json()["access_token"]
+    stored = "agent\\t\\x9b2J\\x1b[31m"
+    sessions = (await http.get("/auth/sessions", headers=bearer(token))).json()["sessions"]
+    assert [session["user_agent"] for session in sessions] == [stored]
+    events = (await http.get("/auth/events", headers=bearer(token))).json()["events"]
+    assert events[0]["user_agent"] == stored

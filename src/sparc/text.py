@@ -36,3 +36,20 @@ def escape_control_characters(text: str) -> str:
     they are not meant to be decoded again.
     """
     return _UNSAFE.sub(lambda match: _escaped(match.group()), text)
+
+
+def storable_text(value: str, max_length: int) -> str:
+    """Client text (a header such as User-Agent) as it may be stored and shown again: control
+    characters escaped, cut to at most `max_length` characters without splitting an escape."""
+    head = value[:max_length]
+    if _UNSAFE.search(head) is None:
+        return head  # what every real client sends: nothing to escape
+    pieces: list[str] = []
+    length = 0
+    for char in head:
+        piece = _escaped(char) if _UNSAFE.match(char) else char
+        length += len(piece)
+        if length > max_length:
+            break
+        pieces.append(piece)
+    return "".join(pieces)
