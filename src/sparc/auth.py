@@ -148,9 +148,9 @@ async def login(request: Request) -> Response:
         },
     )
     await audit.record("login_succeeded", request, user_id=user["id"])
+    # Cache-Control: no-store, as on every /auth/ answer (sparc.headers).
     return JSONResponse(
-        {"access_token": token, "token_type": "bearer", "expires_at": expires_at.isoformat()},
-        headers={"Cache-Control": "no-store"},
+        {"access_token": token, "token_type": "bearer", "expires_at": expires_at.isoformat()}
     )
 
 

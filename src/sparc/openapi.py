@@ -18,6 +18,7 @@ from sparc.auth import (
 )
 from sparc.clients import USER_AGENT_MAX_LENGTH
 from sparc.common_passwords import common_passwords
+from sparc.headers import CACHE_CONTROL, CONTENT_TYPE_OPTIONS
 from sparc.openapi_parts import (
     JSON_MEDIA_TYPE,
     Operations,
@@ -235,7 +236,15 @@ DOCUMENT: dict[str, Any] = {
             "RetryAfter": {
                 "description": "Seconds to wait before retrying.",
                 "schema": {"type": "string", "pattern": "^[0-9]+$"},
-            }
+            },
+            "ContentTypeOptions": {
+                "description": "On every answer: take the body as its Content-Type says.",
+                "schema": {"const": CONTENT_TYPE_OPTIONS},
+            },
+            "CacheControl": {
+                "description": "On every answer under /auth/: tokens and personal data.",
+                "schema": {"const": CACHE_CONTROL},
+            },
         },
     },
 }
