@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REPO_ROOT, asyncpg_dsn
 from tests.processes import (
+    LOG_RECORD_START,
     free_port,
     poll,
     postgres_processes_using,
@@ -82,6 +83,12 @@ def test_serve_with_two_workers_shares_nothing_but_the_database(
     finally:
         code, stderr = stop(process)
     assert code == 0, stderr
+    # Every worker logs as `sparc serve` does, uvicorn's lines too, through the escaping
+    # formatter: the supervisor's check opens a pool, then each worker opens its own.
+    lines = stderr.splitlines()
+    assert sum("sparc.database: database pool open" in line for line in lines) == 3, stderr
+    assert any(line.startswith("INFO:     uvicorn.error: Started server process") for line in lines)
+    assert all(LOG_RECORD_START.match(line) or line.startswith("    ") for line in lines), stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
-import asyncpg
 import httpx
 import pytest
 from starlette.requests import Request
@@ -23,9 +23,16 @@ from sparc.database import (
     TransactionConflict,
     WritesRefused,
 )
-from sparc.settings import Settings
-from tests.conftest import asyncpg_dsn, serving
-from tests.helpers import PASSWORD, assert_problem, bearer, login, register, token_for
+from sparc.settings import Settings, database_hosts
+from tests.conftest import refusing_connections, serving
+from tests.helpers import (
+    assert_problem,
+    bearer,
+    change_password,
+    login,
+    register,
+    token_for,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -71,8 +78,7 @@ async def test_every_route_and_status_carries_the_headers(http: httpx.AsyncClien
         (await http.get("/auth/no/such/page"), 404),
         (await http.get("/auth/login"), 405),
     ]
-    change = {"current_password": PASSWORD, "new_password": "violet staple 42 orbit"}
-    answers.append((await http.post("/auth/password", json=change, headers=bearer(token)), 204))
+    answers.append((await change_password(http, token, "violet staple 42 orbit"), 204))
     answers.append((await http.post("/auth/logout-all", headers=bearer(token)), 204))
     for response, status in answers:
         assert response.status_code == status, (response.request.url, response.text)
@@ -120,8 +126,7 @@ async def test_every_429_carries_retry_after(throttled_http: httpx.AsyncClient) 
     for _ in range(2):
         assert_problem(await login(http, "ada@example.org", "wrong password"), 401)
     login_locked = await login(http, "ada@example.org")
-    change = {"current_password": PASSWORD, "new_password": "violet staple 42 orbit"}
-    change_locked = await http.post("/auth/password", json=change, headers=bearer(token))
+    change_locked = await change_password(http, token, "violet staple 42 orbit")
     for response in (login_locked, change_locked):
         assert_problem(response, 429)
         assert int(response.headers["retry-after"]) >= 1
@@ -173,31 +178,23 @@ async def test_a_database_that_refuses_connections_answers_503_naming_no_server(
 ) -> None:
     caplog.set_level(logging.INFO, "sparc.database")
     token = await token_for(http, "ada@example.org")
-    name = database_url.split("?")[0].rsplit("/", 1)[1]
-    admin = await asyncpg.connect(asyncpg_dsn(server_url))
-    try:
-        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-        await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
-        )
+    async with refusing_connections(server_url, database_url) as name:
         # /readyz, a 503 raised while authenticating, and one from an endpoint's own query.
         refused = [
             await http.get("/readyz"),
             await http.get("/auth/me", headers=bearer(token)),
             await register(http, "bob@example.org"),
         ]
-    finally:
-        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
-        await admin.close()
-    host, port = "127.0.0.1", "5432"
+    hosts = database_hosts(database_url)  # e.g. ["127.0.0.1:5432"]
+    user = urlsplit(database_url).username or ""
     for response in refused:
         body = assert_problem(response, 503)
         assert response.headers["retry-after"] == "5"
         assert_headers(response)
         assert body["detail"] == "The database is unavailable; nothing was kept, retry later."
-        for secret in (host, f":{port}", name, "postgres"):
+        for secret in (*hosts, name, user):
             assert secret not in response.text
-    assert f"cannot reach PostgreSQL at {host}:{port}" in caplog.text
+    assert f"cannot reach PostgreSQL at {', '.join(hosts)}" in caplog.text
 
 
 async def test_a_503_while_authenticating_carries_retry_after(database_url: str) -> None:

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import logging
 import logging.config
-import re
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from sparc.logs import LOG_FORMAT, EscapingFormatter, logging_config
-from tests.processes import poll, sparc_env, start_serve, stop
-
-# What starts a record in SPARC's format: a level, a colon, the padding.
-RECORD_START = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL):\s+\S")
+from tests.processes import LOG_RECORD_START
 
 
 def record(message: str, *args: object, exc_info: bool = False) -> logging.LogRecord:
@@ -70,7 +65,7 @@ def test_a_traceback_another_formatter_cached_unescaped_is_formatted_again() -> 
         plain = record("failed", exc_info=True)
     logging.Formatter().format(plain)  # caches record.exc_text, unescaped
     text = EscapingFormatter(LOG_FORMAT).format(plain)
-    assert all(RECORD_START.match(line) or line.startswith("    ") for line in text.split("\n"))
+    assert all(LOG_RECORD_START.match(line) or line.startswith("    ") for line in text.split("\n"))
 
 
 @pytest.fixture
@@ -92,21 +87,3 @@ def test_the_logging_config_puts_sparc_and_uvicorn_through_the_escaping_formatte
         assert handlers, name
         assert all(isinstance(handler.formatter, EscapingFormatter) for handler in handlers)
     assert logging.getLogger("uvicorn.error").propagate  # to "uvicorn"'s handler
-
-
-def test_every_worker_of_sparc_serve_logs_in_the_escaping_format(
-    cli_database: str, tmp_path: Path
-) -> None:
-    process, base = start_serve(
-        sparc_env(DATABASE_URL=cli_database), "--workers", "2", cwd=tmp_path
-    )
-    try:
-        poll(f"{base}/readyz", process=process)
-    finally:
-        code, stderr = stop(process)
-    assert code == 0, stderr
-    lines = stderr.splitlines()
-    # The check before serving opens a pool in the supervisor, then each worker opens its own.
-    assert sum("sparc.database: database pool open" in line for line in lines) == 3, stderr
-    assert any(line.startswith("INFO:     uvicorn.error: Started server process") for line in lines)
-    assert all(RECORD_START.match(line) or line.startswith("    ") for line in lines), stderr

@@ -26,6 +26,8 @@ PASSWORD_MAX_LENGTH = 256
 # by PASSWORD_MAX_LENGTH alone, so nobody can make us hash megabytes.
 GIVEN_PASSWORD_MIN_LENGTH = 1
 EMAIL_MAX_LENGTH = 254
+# What a 422 says of a new password on the list of sparc.common_passwords.
+TOO_COMMON = "is too common: it is on a list of passwords attackers try first"
 # No control characters either: an address never holds one, and it is shown back and compared.
 _EMAIL_PART = r"[^@\s\x00-\x1f\x7f]+"
 _EMAIL_SHAPE = re.compile(rf"^{_EMAIL_PART}@{_EMAIL_PART}\.{_EMAIL_PART}$")
@@ -44,7 +46,7 @@ def _check_new_password(errors: FieldErrors, body: dict[str, object], field: str
         body, field, min_length=PASSWORD_MIN_LENGTH, max_length=PASSWORD_MAX_LENGTH
     )
     if not errors.has(field) and is_common(password):
-        errors.add(field, "is too common: it is on a list of passwords attackers try first")
+        errors.add(field, TOO_COMMON)
     return password
 
 
