@@ -140,6 +140,23 @@ async def notes(admin: asyncpg.Connection) -> str:
     return "notes"
 
 
+@contextlib.asynccontextmanager
+async def refusing_connections(server_url: str, database_url: str) -> AsyncIterator[str]:
+    """While inside, the database of `database_url` refuses connections, and those it had are
+    gone; yields its name."""
+    name = urlsplit(database_url).path.lstrip("/")
+    admin = await asyncpg.connect(asyncpg_dsn(server_url))
+    try:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+        )
+        yield name
+    finally:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        await admin.close()
+
+
 @pytest.fixture
 def settings(database_url: str) -> Settings:
     return Settings(database_url=database_url, pool_max_size=5)

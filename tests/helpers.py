@@ -31,6 +31,16 @@ async def token_for(http: httpx.AsyncClient, email: str, password: str = PASSWOR
     return token
 
 
+async def change_password(
+    http: httpx.AsyncClient, token: str, new_password: str, current_password: str = PASSWORD
+) -> httpx.Response:
+    return await http.post(
+        "/auth/password",
+        json={"current_password": current_password, "new_password": new_password},
+        headers=bearer(token),
+    )
+
+
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -12,6 +13,10 @@ from pathlib import Path
 
 import httpx
 import psutil
+
+# What starts a record in SPARC's log format (sparc.logs): a level, a colon, the padding. A line
+# that does not is part of a record's traceback, indented.
+LOG_RECORD_START = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL):\s+\S")
 
 
 def free_port() -> int:

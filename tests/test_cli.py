@@ -18,6 +18,7 @@ from sparc.migrations import head_revision, upgrade
 from sparc.settings import mask_password
 from tests.conftest import REPO_ROOT, asyncpg_dsn
 from tests.processes import (
+    LOG_RECORD_START,
     free_port,
     poll,
     postgres_processes_using,
@@ -84,6 +85,12 @@ def test_serve_with_two_workers_shares_nothing_but_the_database(
     finally:
         code, stderr = stop(process)
     assert code == 0, stderr
+    # Every worker logs as `sparc serve` does, uvicorn's lines too, through the escaping
+    # formatter: the supervisor's check opens a pool, then each worker opens its own.
+    lines = stderr.splitlines()
+    assert sum("sparc.database: database pool open" in line for line in lines) == 3, stderr
+    assert any(line.startswith("INFO:     uvicorn.error: Started server process") for line in lines)
+    assert all(LOG_RECORD_START.match(line) or line.startswith("    ") for line in lines), stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from sparc.migrations import head_revision
-from tests.conftest import asyncpg_dsn, poll_until_async
+from tests.conftest import poll_until_async, refusing_connections
 
 pytestmark = pytest.mark.anyio
 
@@ -47,26 +47,16 @@ async def test_readyz_reports_the_schema_revision_it_finds_on_each_probe(
 async def test_readyz_is_503_when_the_database_refuses_connections(
     http: httpx.AsyncClient, database_url: str, server_url: str
 ) -> None:
-    name = database_url.split("?")[0].rsplit("/", 1)[1]
-    admin = await asyncpg.connect(asyncpg_dsn(server_url))
-    try:
-        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-        await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
-        )
+    async with refusing_connections(server_url, database_url):
         response = await http.get("/readyz")
         assert response.status_code == 503
         assert response.headers["content-type"] == "application/problem+json"
         assert "retry-after" in response.headers
         assert (await http.get("/healthz")).status_code == 200
-        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
 
-        # Healed by itself, once the reconnect backoff (0.1 s after the first refusal) is over:
-        # broken connections were discarded, a new one is opened on demand.
-        async def ready() -> bool:
-            return (await http.get("/readyz")).status_code == 200
+    # Healed by itself, once the reconnect backoff (0.1 s after the first refusal) is over:
+    # broken connections were discarded, a new one is opened on demand.
+    async def ready() -> bool:
+        return (await http.get("/readyz")).status_code == 200
 
-        await poll_until_async(ready, within=5)
-    finally:
-        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
-        await admin.close()
+    await poll_until_async(ready, within=5)

@@ -126,5 +126,14 @@ def test_the_checker_rejects_what_the_document_does_not_say() -> None:
     request = httpx.Request("GET", "http://t/auth/me")
     with pytest.raises(AssertionError, match="does not list"):
         check_response(httpx.Response(418, json={}, request=request))
-    with pytest.raises(Exception, match="is a required property"):
+    with pytest.raises(AssertionError, match="missing X-Content-Type-Options"):
         check_response(httpx.Response(200, json={"id": "x"}, request=request))
+    headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
+    with pytest.raises(Exception, match="'nosniff' was expected"):
+        check_response(
+            httpx.Response(
+                200, headers={**headers, "X-Content-Type-Options": "sniff"}, request=request
+            )
+        )
+    with pytest.raises(Exception, match="is a required property"):
+        check_response(httpx.Response(200, json={"id": "x"}, headers=headers, request=request))

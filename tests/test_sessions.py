@@ -7,9 +7,10 @@ import httpx
 import pytest
 
 from sparc.app import create_app
+from sparc.auth import TOO_COMMON
 from sparc.settings import Settings
 from tests.conftest import serving
-from tests.helpers import PASSWORD, assert_problem, bearer, login, token_for
+from tests.helpers import assert_problem, bearer, change_password, login, token_for
 
 pytestmark = pytest.mark.anyio
 
@@ -122,11 +123,7 @@ async def test_last_seen_is_written_at_most_once_a_minute(
 async def test_password_change_revokes_every_other_session(http: httpx.AsyncClient) -> None:
     current = await token_for(http, "change@example.org")
     other = (await login(http, "change@example.org")).json()["access_token"]
-    response = await http.post(
-        "/auth/password",
-        json={"current_password": PASSWORD, "new_password": "a brand new secret"},
-        headers=bearer(current),
-    )
+    response = await change_password(http, current, "a brand new secret")
     assert response.status_code == 204
     assert (await http.get("/auth/me", headers=bearer(current))).status_code == 200
     assert_problem(await http.get("/auth/me", headers=bearer(other)), 401)
@@ -136,24 +133,24 @@ async def test_password_change_revokes_every_other_session(http: httpx.AsyncClie
 
 async def test_password_change_with_wrong_current_password_is_401(http: httpx.AsyncClient) -> None:
     token = await token_for(http, "wrong@example.org")
-    response = await http.post(
-        "/auth/password",
-        json={"current_password": "not it", "new_password": "a brand new secret"},
-        headers=bearer(token),
-    )
+    response = await change_password(http, token, "a brand new secret", "not it")
     assert_problem(response, 401)
     assert (await login(http, "wrong@example.org")).status_code == 200
 
 
-@pytest.mark.parametrize("new_password", ["short", "x" * 257])
+@pytest.mark.parametrize(
+    ("new_password", "message"),
+    [
+        ("short", "must be 8 to 256 characters long"),
+        ("x" * 257, "must be 8 to 256 characters long"),
+        *((common, TOO_COMMON) for common in ("password", "12345678", "Password1", "PASSWORD")),
+    ],
+)
 async def test_new_password_follows_the_register_rules(
-    http: httpx.AsyncClient, new_password: str
+    http: httpx.AsyncClient, new_password: str, message: str
 ) -> None:
     token = await token_for(http, "rules@example.org")
-    response = await http.post(
-        "/auth/password",
-        json={"current_password": PASSWORD, "new_password": new_password},
-        headers=bearer(token),
-    )
+    response = await change_password(http, token, new_password)
     body = assert_problem(response, 422)
-    assert [e["field"] for e in body["errors"]] == ["new_password"]
+    assert body["errors"] == [{"field": "new_password", "message": message}]
+    assert (await login(http, "rules@example.org")).status_code == 200  # unchanged

@@ -13,6 +13,7 @@ from starlette.middleware.authentication import AuthenticationMiddleware
 from sparc import audit, auth, health, identity, metrics, openapi, retention, sessions
 from sparc.database import DatabaseClient, DatabaseMiddleware
 from sparc.embedded import database_settings_async
+from sparc.headers import answer_headers
 from sparc.problems import Problem, handle_http_exception, handle_problem, handle_server_error
 from sparc.proxies import TrustedProxies, TrustedProxyMiddleware
 from sparc.security import PasswordHasher
@@ -63,8 +64,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
         ],
         middleware=[
             *proxies,
-            # It also reports every request's route, status and duration to the metrics.
-            Middleware(DatabaseMiddleware, client=client, on_answered=app_metrics.request_answered),
+            # It also reports every request's route, status and duration to the metrics, and
+            # adds the headers every answer carries.
+            Middleware(
+                DatabaseMiddleware,
+                client=client,
+                on_answered=app_metrics.request_answered,
+                response_headers=answer_headers,
+            ),
             Middleware(
                 AuthenticationMiddleware,
                 backend=identity.BearerTokenBackend(idle_timeout=settings.token_idle_timeout),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 
 from starlette.requests import HTTPConnection, Request
@@ -27,6 +28,8 @@ EVENT_TYPES = (
 )
 PAGE_SIZE_DEFAULT = 20
 PAGE_SIZE_MAX = 100
+# ASCII digits, at most a bigint's worth: str.isdigit() also takes "²", which int() refuses.
+_NUMBER = re.compile(r"[0-9]{1,18}")
 
 
 async def record(
@@ -57,13 +60,13 @@ def _page_parameters(request: Request) -> tuple[int, int | None]:
     limit, before = PAGE_SIZE_DEFAULT, None
     raw_limit = request.query_params.get("limit")
     if raw_limit is not None:
-        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= PAGE_SIZE_MAX:
+        if _NUMBER.fullmatch(raw_limit) is None or not 1 <= int(raw_limit) <= PAGE_SIZE_MAX:
             errors.append({"field": "limit", "message": f"must be 1 to {PAGE_SIZE_MAX}"})
         else:
             limit = int(raw_limit)
     raw_before = request.query_params.get("before")
     if raw_before is not None:
-        if not raw_before.isdigit() or len(raw_before) > 18:
+        if _NUMBER.fullmatch(raw_before) is None:
             errors.append({"field": "before", "message": "must be an event id from a page"})
         else:
             before = int(raw_before)

@@ -11,6 +11,7 @@ from starlette.routing import Route
 
 from sparc import audit
 from sparc.clients import client_ip, client_user_agent
+from sparc.common_passwords import is_common
 from sparc.database import get_db_client, retry_on_conflict
 from sparc.identity import BEARER_CHALLENGE, current_user
 from sparc.openapi_parts import NO_CONTENT, Operations, json_answer, operation, problem_answer
@@ -25,21 +26,28 @@ PASSWORD_MAX_LENGTH = 256
 # by PASSWORD_MAX_LENGTH alone, so nobody can make us hash megabytes.
 GIVEN_PASSWORD_MIN_LENGTH = 1
 EMAIL_MAX_LENGTH = 254
-_EMAIL_SHAPE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+# What a 422 says of a new password on the list of sparc.common_passwords.
+TOO_COMMON = "is too common: it is on a list of passwords attackers try first"
+# No control characters either: an address never holds one, and it is shown back and compared.
+_EMAIL_PART = r"[^@\s\x00-\x1f\x7f]+"
+_EMAIL_SHAPE = re.compile(rf"^{_EMAIL_PART}@{_EMAIL_PART}\.{_EMAIL_PART}$")
 
 
 def _check_email(errors: FieldErrors, body: dict[str, object]) -> str:
     email = errors.string(body, "email", min_length=3, max_length=EMAIL_MAX_LENGTH).strip()
-    already_wrong = any(error["field"] == "email" for error in errors.errors)
-    if email and not already_wrong and not _EMAIL_SHAPE.match(email):
+    if email and not errors.has("email") and not _EMAIL_SHAPE.match(email):
         errors.add("email", "is not an email address")
     return email
 
 
 def _check_new_password(errors: FieldErrors, body: dict[str, object], field: str) -> str:
-    return errors.string(
+    """A password being set (register, change): the length bounds, and not a common one."""
+    password = errors.string(
         body, field, min_length=PASSWORD_MIN_LENGTH, max_length=PASSWORD_MAX_LENGTH
     )
+    if not errors.has(field) and is_common(password):
+        errors.add(field, TOO_COMMON)
+    return password
 
 
 def _check_given_password(errors: FieldErrors, body: dict[str, object], field: str) -> str:
@@ -156,9 +164,9 @@ async def login(request: Request) -> Response:
         },
     )
     await audit.record("login_succeeded", request, user_id=user["id"])
+    # Cache-Control: no-store, as on every /auth/ answer (sparc.headers).
     return JSONResponse(
-        {"access_token": token, "token_type": "bearer", "expires_at": expires_at.isoformat()},
-        headers={"Cache-Control": "no-store"},
+        {"access_token": token, "token_type": "bearer", "expires_at": expires_at.isoformat()}
     )
 
 

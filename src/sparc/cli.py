@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import logging.config
 import os
 import signal
 import sys
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, cast
 
 from sparc.database import DatabaseClient, DatabaseUnavailable, QueryError
 from sparc.embedded import database_settings
+from sparc.logs import logging_config
 from sparc.migrations import (
     SchemaPosition,
     head_revision,
@@ -134,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # The load test's own output is its report; the sampler's pool chatter would only blur it.
     level = logging.WARNING if args.command == "loadtest" else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s:     %(name)s: %(message)s")
+    logging.config.dictConfig(logging_config(level))
     try:
         settings = load_settings()
     except SettingsError as exc:
@@ -257,6 +259,9 @@ def _serve(settings: Settings, *, host: str, port: int, workers: int) -> int:
             port=port,
             workers=workers,
             lifespan="on",
+            # Each worker, and uvicorn's own lines, log as this process does: control
+            # characters escaped.
+            log_config=logging_config(logging.INFO),
             proxy_headers=False,
             # On SIGTERM: stop accepting, let in-flight requests finish for this long, then
             # cancel them (their transactions roll back) and close the pool. uvicorn types it

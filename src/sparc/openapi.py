@@ -17,6 +17,8 @@ from sparc.auth import (
     PASSWORD_MIN_LENGTH,
 )
 from sparc.clients import USER_AGENT_MAX_LENGTH
+from sparc.common_passwords import common_passwords
+from sparc.headers import CACHE_CONTROL, CONTENT_TYPE_OPTIONS
 from sparc.openapi_parts import (
     JSON_MEDIA_TYPE,
     Operations,
@@ -32,7 +34,11 @@ _NULLABLE_STRING = {"type": ["string", "null"]}
 # Stored cut to this length (sparc.clients), so never longer in an answer.
 _USER_AGENT = {**_NULLABLE_STRING, "maxLength": USER_AGENT_MAX_LENGTH}
 _EMAIL = string_schema(format="email", maxLength=EMAIL_MAX_LENGTH)
-_NEW_PASSWORD = string_schema(minLength=PASSWORD_MIN_LENGTH, maxLength=PASSWORD_MAX_LENGTH)
+_NEW_PASSWORD = string_schema(
+    minLength=PASSWORD_MIN_LENGTH,
+    maxLength=PASSWORD_MAX_LENGTH,
+    description=f"Not one of the {len(common_passwords()):,} most common passwords, in any case.",
+)
 _GIVEN_PASSWORD = string_schema(minLength=GIVEN_PASSWORD_MIN_LENGTH, maxLength=PASSWORD_MAX_LENGTH)
 
 SCHEMAS: dict[str, Any] = {
@@ -245,7 +251,15 @@ DOCUMENT: dict[str, Any] = {
             "RetryAfter": {
                 "description": "Seconds to wait before retrying.",
                 "schema": {"type": "string", "pattern": "^[0-9]+$"},
-            }
+            },
+            "ContentTypeOptions": {
+                "description": "On every answer: take the body as its Content-Type says.",
+                "schema": {"const": CONTENT_TYPE_OPTIONS},
+            },
+            "CacheControl": {
+                "description": "On every answer under /auth/: tokens and personal data.",
+                "schema": {"const": CACHE_CONTROL},
+            },
         },
     },
 }

@@ -11,6 +11,7 @@ from typing import Any
 
 from starlette.routing import Route
 
+from sparc.headers import NO_STORE_PREFIX
 from sparc.payloads import MAX_BODY_BYTES
 from sparc.problems import PROBLEM_MEDIA_TYPE
 
@@ -22,6 +23,10 @@ Operations = Mapping[Callable[..., Any], Operation]
 
 def schema_ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
+
+
+def header_ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/headers/{name}"}
 
 
 def string_schema(**extra: Any) -> dict[str, Any]:
@@ -41,7 +46,7 @@ def problem_answer(description: str, *, retry_after: bool = False) -> dict[str, 
         "content": {PROBLEM_MEDIA_TYPE: {"schema": schema_ref("Problem")}},
     }
     if retry_after:
-        answer["headers"] = {"Retry-After": {"$ref": "#/components/headers/RetryAfter"}}
+        answer["headers"] = {"Retry-After": header_ref("RetryAfter")}
     return answer
 
 
@@ -66,6 +71,9 @@ _UNAUTHORIZED = {
     "401": problem_answer("No valid bearer token; the answer carries `WWW-Authenticate: Bearer`.")
 }
 _BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
+# What sparc.headers adds to every answer, and to every answer under NO_STORE_PREFIX.
+_EVERY_ANSWER_HEADERS = {"X-Content-Type-Options": header_ref("ContentTypeOptions")}
+_NO_STORE_HEADERS = {**_EVERY_ANSWER_HEADERS, "Cache-Control": header_ref("CacheControl")}
 
 
 def operation(
@@ -103,5 +111,16 @@ def path_items(*described: tuple[Sequence[Route], Operations]) -> dict[str, dict
         for route in routes:
             for method in sorted(route.methods or ()):
                 if method != "HEAD":  # Starlette adds HEAD to every GET route
-                    items.setdefault(route.path, {})[method.lower()] = operations[route.endpoint]
+                    entry = _with_added_headers(route.path, operations[route.endpoint])
+                    items.setdefault(route.path, {})[method.lower()] = entry
     return items
+
+
+def _with_added_headers(path: str, entry: Operation) -> Operation:
+    """`entry` with the headers sparc.headers adds to every answer at `path` on each response."""
+    added = _NO_STORE_HEADERS if path.startswith(NO_STORE_PREFIX) else _EVERY_ANSWER_HEADERS
+    responses = {
+        status: {**answer, "headers": {**added, **answer.get("headers", {})}}
+        for status, answer in entry["responses"].items()
+    }
+    return {**entry, "responses": responses}

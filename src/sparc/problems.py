@@ -11,6 +11,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from sparc.headers import answer_headers
+
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 
 
@@ -76,4 +78,7 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
 
 async def handle_server_error(request: Request, exc: Exception) -> Response:
     # The traceback goes to the server log (Starlette logs it); the client learns nothing internal.
-    return problem_response(500, "The server failed to handle this request.")
+    response = problem_response(500, "The server failed to handle this request.")
+    # ServerErrorMiddleware sends this past every other middleware: it needs the headers here.
+    response.raw_headers.extend(answer_headers(request.scope["path"]))
+    return response

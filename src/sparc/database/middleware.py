@@ -7,13 +7,14 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sparc.database.client import DatabaseClient
 from sparc.database.context import bind_db_client, current_client, current_unit
 from sparc.database.errors import (
+    CommandTimeout,
     CommitFailed,
     DatabaseUnavailable,
     PoolQueueFull,
@@ -28,25 +29,36 @@ from sparc.problems import problem_response
 
 logger = logging.getLogger("sparc.database")
 
-# Seconds a client is told to wait (Retry-After) before trying again, by the kind of
-# DatabaseUnavailable: a busy pool or a lost race clears at once, an outage takes longer.
-_RETRY_AFTER_SECONDS: dict[type[DatabaseUnavailable], int] = {
-    PoolTimeout: 1,
-    PoolQueueFull: 1,
-    StatementTimeout: 1,
-    TransactionConflict: 1,
+# What a client is told, by the kind of DatabaseUnavailable: the seconds to wait before trying
+# again (Retry-After; a busy pool or a lost race clears at once, an outage takes longer) and the
+# problem's detail. The detail is the same for every error of a kind: the exception's own message
+# names the server (host, port, user) and goes only to the log.
+_POOL_BUSY = (1, "Every database connection is busy; nothing was done, retry later.")
+_ANSWERS: dict[type[DatabaseUnavailable], tuple[int, str]] = {
+    PoolTimeout: _POOL_BUSY,
+    PoolQueueFull: _POOL_BUSY,
+    StatementTimeout: (1, "A database statement ran too long and was cancelled; nothing was kept."),
+    CommandTimeout: (5, "The database did not answer in time; nothing was kept, retry later."),
+    TransactionConflict: (
+        1,
+        "The request's transaction kept losing races with other transactions; nothing was "
+        "kept, retry later.",
+    ),
     # A switchover is over in seconds.
-    WritesRefused: 2,
-    DatabaseUnavailable: 5,
+    WritesRefused: (
+        2,
+        "The database refused to write: it is read-only for now; nothing was kept, retry later.",
+    ),
+    DatabaseUnavailable: (5, "The database is unavailable; nothing was kept, retry later."),
 }
 
 
-def retry_after(exc: DatabaseUnavailable) -> int:
-    """The Retry-After, in seconds, of a 503 answering `exc`."""
+def _answer(exc: DatabaseUnavailable) -> tuple[int, str]:
+    """Retry-After seconds and detail of the 503 answering `exc`, found along its class's MRO."""
     for cls in type(exc).__mro__:
-        if cls in _RETRY_AFTER_SECONDS:
-            return _RETRY_AFTER_SECONDS[cls]
-    return _RETRY_AFTER_SECONDS[DatabaseUnavailable]
+        if cls in _ANSWERS:
+            return _ANSWERS[cls]
+    return _ANSWERS[DatabaseUnavailable]
 
 
 class DatabaseMiddleware:
@@ -66,6 +78,7 @@ class DatabaseMiddleware:
         app: ASGIApp,
         client: DatabaseClient,
         on_answered: Callable[[Scope, int, float], None] | None = None,
+        response_headers: Callable[[str], Sequence[tuple[bytes, bytes]]] | None = None,
     ) -> None:
         self.app = app
         self.client = client
@@ -73,6 +86,9 @@ class DatabaseMiddleware:
         # the status that went out (500 if none did) and the seconds it took. It spares the
         # metrics a middleware layer of their own.
         self.on_answered = on_answered
+        # The headers to add to every answer, by the request's path: this middleware's send
+        # wrapper spares them a layer of their own too.
+        self.response_headers = response_headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -81,6 +97,7 @@ class DatabaseMiddleware:
             return
 
         started = time.perf_counter()
+        added = self.response_headers(scope["path"]) if self.response_headers else ()
         client_token = current_client.set(self.client)
         retries_left = self.client.settings.retry_attempts
         request = RequestMessages(receive, replayable=retries_left > 0)
@@ -89,7 +106,7 @@ class DatabaseMiddleware:
         try:
             while True:
                 try:
-                    await self._run_once(scope, request, send, may_retry=retries_left > 0)
+                    await self._run_once(scope, request, send, added, may_retry=retries_left > 0)
                     return
                 except _Replay:
                     retries_left -= 1
@@ -107,7 +124,13 @@ class DatabaseMiddleware:
                 self.on_answered(scope, status, time.perf_counter() - started)
 
     async def _run_once(
-        self, scope: Scope, request: RequestMessages, send: Send, *, may_retry: bool
+        self,
+        scope: Scope,
+        request: RequestMessages,
+        send: Send,
+        added: Sequence[tuple[bytes, bytes]],
+        *,
+        may_retry: bool,
     ) -> None:
         unit = UnitOfWork(self.client.pool)
         unit_token = current_unit.set(unit)
@@ -137,12 +160,14 @@ class DatabaseMiddleware:
                     replaced = True
                     response_started = True
                     logger.error("%s; answering 5xx instead of %d", exc, status)
-                    await _answer_error(exc, scope, request, send)
+                    await _answer_error(exc, scope, request, send, added)
                     # Stop the endpoint's response there: its background tasks must not run
                     # for a request whose writes were lost.
                     raise _ResponseReplaced from None
                 response_started = True
                 request.response_status = status
+                if added:  # a new list: the message's may be the Response object's own
+                    message["headers"] = [*message.get("headers", ()), *added]
             await send(message)
 
         try:
@@ -160,7 +185,7 @@ class DatabaseMiddleware:
                 raise _Replay from None
             # Info, not warning: under overload this fires for every refused request.
             logger.info("answering 503: %s", exc)
-            await _answer_error(exc, scope, request, send)
+            await _answer_error(exc, scope, request, send, added)
         except BaseException as exc:
             await unit.end(commit=False)
             if not unit.conflicted or response_started or not isinstance(exc, Exception):
@@ -174,7 +199,7 @@ class DatabaseMiddleware:
                 sqlstate=None,
                 constraint=None,
             )
-            await _answer_error(lost, scope, request, send)
+            await _answer_error(lost, scope, request, send, added)
         else:
             await unit.end(commit=False)  # no-op unless the app sent no response at all
         finally:
@@ -189,22 +214,30 @@ class _ResponseReplaced(Exception):
     """Internal: the commit failed and a 5xx went out instead of the endpoint's response."""
 
 
-async def _answer_error(exc: Exception, scope: Scope, request: RequestMessages, send: Send) -> None:
+async def _answer_error(
+    exc: Exception,
+    scope: Scope,
+    request: RequestMessages,
+    send: Send,
+    added: Sequence[tuple[bytes, bytes]],
+) -> None:
     """Answer with the problem `exc` calls for, in place of the endpoint's response."""
     if isinstance(exc, DatabaseUnavailable):
+        seconds, detail = _answer(exc)
         response = problem_response(
             503,
-            str(exc),
+            detail,
             title=(
                 "Transaction conflict"
                 if isinstance(exc, TransactionConflict)
                 else "Database unavailable"
             ),
-            headers={"Retry-After": str(retry_after(exc))},
+            headers={"Retry-After": str(seconds)},
         )
     else:
         response = problem_response(
             500, "The request's changes could not be saved; nothing was kept."
         )
+    response.raw_headers.extend(added)
     request.response_status = response.status_code
     await response(scope, request.receive, send)
