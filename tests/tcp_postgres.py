@@ -7,24 +7,18 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-import asyncpg
 import psutil
 
 from sparc.migrations import upgrade
+from tests.conftest import connection_to
+from tests.processes import free_port
 
 DATABASE = "sparc"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class TcpPostgres:
@@ -79,12 +73,9 @@ class TcpPostgres:
 
     async def create_database(self) -> None:
         """A fresh `sparc` database at the schema's head."""
-        admin = await asyncpg.connect(self.admin_url)
-        try:
+        async with connection_to(self.admin_url) as admin:
             await admin.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
             await admin.execute(f'CREATE DATABASE "{DATABASE}"')
-        finally:
-            await admin.close()
 
     def migrate(self) -> None:
         upgrade(self.url)
@@ -112,11 +103,8 @@ class TcpPostgres:
         self._frozen.clear()
 
     async def admin(self, sql: str) -> None:
-        connection = await asyncpg.connect(self.admin_url)
-        try:
+        async with connection_to(self.admin_url) as connection:
             await connection.execute(sql)
-        finally:
-            await connection.close()
 
     async def set_read_only(self, read_only: bool) -> None:
         """Turn the whole server read-only (or back), as a switchover does to an old primary:
@@ -126,13 +114,10 @@ class TcpPostgres:
         await self.admin("SELECT pg_reload_conf()")
 
     async def backend_pids(self, application_name: str = "sparc") -> list[int]:
-        connection = await asyncpg.connect(self.admin_url)
-        try:
+        async with connection_to(self.admin_url) as connection:
             rows = await connection.fetch(
                 "SELECT pid FROM pg_stat_activity WHERE application_name = $1", application_name
             )
-        finally:
-            await connection.close()
         return [row["pid"] for row in rows]
 
 

@@ -32,20 +32,29 @@ exceptions = asyncpg.exceptions
 pytestmark = pytest.mark.anyio
 
 
-async def test_the_asyncpg_pool_is_found_inside_encode_databases(database_url: str) -> None:
-    # Reads encode/databases' private backend: should a new release lay it out differently,
-    # this fails here rather than every request failing later.
-    database = DriverDatabase(
-        database_url,
+def driver_database(
+    url: str, *, max_size: int, server_settings: dict[str, str] | None = None
+) -> DriverDatabase:
+    """The driver's Database on `url`, as the pool opens it, with no metrics attached."""
+    return DriverDatabase(
+        url,
         min_size=1,
-        max_size=2,
+        max_size=max_size,
         connect_timeout=5,
         max_idle=60,
         statement_cache_size=0,
-        server_settings={"application_name": "sparc-driver-test"},
+        server_settings=server_settings or {},
         dead_peer_timeout=30,
         on_connection_opened=lambda: None,
         on_connection_closed=lambda: None,
+    )
+
+
+async def test_the_asyncpg_pool_is_found_inside_encode_databases(database_url: str) -> None:
+    # Reads encode/databases' private backend: should a new release lay it out differently,
+    # this fails here rather than every request failing later.
+    database = driver_database(
+        database_url, max_size=2, server_settings={"application_name": "sparc-driver-test"}
     )
     pool = await database.connect()
     try:
@@ -64,18 +73,7 @@ async def test_the_asyncpg_pool_is_found_inside_encode_databases(database_url: s
 
 async def test_a_cancel_under_way_is_seen_on_the_connection(database_url: str) -> None:
     # Reads asyncpg's protocol state: should it be laid out differently, this fails here.
-    database = DriverDatabase(
-        database_url,
-        min_size=1,
-        max_size=1,
-        connect_timeout=5,
-        max_idle=60,
-        statement_cache_size=0,
-        server_settings={},
-        dead_peer_timeout=0,
-        on_connection_opened=lambda: None,
-        on_connection_closed=lambda: None,
-    )
+    database = driver_database(database_url, max_size=1)
     pool = await database.connect()
     try:
         connection = await pool.acquire()

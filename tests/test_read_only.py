@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from sparc.app import create_app
 from sparc.database import get_db_client
 from sparc.settings import Settings
-from tests.conftest import poll_until, serving
+from tests.conftest import connection_to, poll_until, serving
 from tests.dbapp import tiny_app
 from tests.helpers import PASSWORD, assert_problem, bearer, login, register, token_for
 from tests.processes import run_sparc, sparc_env
@@ -55,11 +55,8 @@ def settings_for(url: str) -> Settings:
 
 async def make_stale(server: TcpPostgres) -> None:
     """Every session last seen long ago, so the next authenticated request wants to write."""
-    connection = await asyncpg.connect(server.socket_url())
-    try:
+    async with connection_to(server.socket_url()) as connection:
         await connection.execute("UPDATE sessions SET last_seen_at = now() - interval '5 min'")
-    finally:
-        await connection.close()
 
 
 async def test_reads_answer_200_and_writes_503_while_the_database_is_read_only(
@@ -153,11 +150,8 @@ async def test_sparc_migrate_takes_several_hosts_and_migrates_the_writable_one(
 
 
 async def has_schema(server: TcpPostgres) -> bool:
-    connection = await asyncpg.connect(server.socket_url())
-    try:
+    async with connection_to(server.socket_url()) as connection:
         return bool(await connection.fetchval("SELECT to_regclass('alembic_version') IS NOT NULL"))
-    finally:
-        await connection.close()
 
 
 async def registrations(http: httpx.AsyncClient, count: int) -> list[int]:
@@ -169,11 +163,8 @@ async def registrations(http: httpx.AsyncClient, count: int) -> list[int]:
 
 
 async def users_on(server: TcpPostgres) -> int:
-    connection = await asyncpg.connect(server.socket_url())
-    try:
+    async with connection_to(server.socket_url()) as connection:
         return int(await connection.fetchval("SELECT count(*) FROM users"))
-    finally:
-        await connection.close()
 
 
 async def test_a_lock_that_is_not_available_answers_503_not_500(
