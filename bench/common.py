@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -155,3 +157,74 @@ def wrk(
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def app_env(url: str, pool_size: int) -> dict[str, str]:
+    """What every benchmarked app reads: SPARC its DATABASE_URL, the others BENCH_DATABASE_URL,
+    all the same pool bound."""
+    return {"DATABASE_URL": url, "BENCH_DATABASE_URL": url, "DB_POOL_MAX_SIZE": str(pool_size)}
+
+
+@contextlib.contextmanager
+def post_script(body: str, content_type: str) -> Iterator[str]:
+    """A wrk Lua script that POSTs `body`; its path, for the block's duration."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(
+            'wrk.method = "POST"\n'
+            f"wrk.body = {json.dumps(body)}\n"
+            f'wrk.headers["Content-Type"] = "{content_type}"\n'
+        )
+    try:
+        yield script.name
+    finally:
+        os.unlink(script.name)
+
+
+@contextlib.contextmanager
+def probing(url: str, headers: dict[str, str] | None = None) -> Iterator[list[float]]:
+    """While inside, a client of its own GETs `url` every 20 ms; yields the milliseconds each
+    answer took (filled in as they come)."""
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def probe() -> None:
+        with httpx.Client(headers=headers, timeout=30) as client:
+            while not stop.is_set():
+                started = time.perf_counter()
+                client.get(url).raise_for_status()
+                latencies.append((time.perf_counter() - started) * 1000)
+                stop.wait(0.02)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        yield latencies
+    finally:
+        stop.set()
+        prober.join()
+
+
+def flood_logins(
+    base: str,
+    body: str,
+    content_type: str,
+    *,
+    probe_url: str,
+    probe_headers: dict[str, str] | None = None,
+    connections: int,
+    seconds: int,
+) -> tuple[WrkResult, list[float]]:
+    """wrk POSTs `body` to /auth/login while `probing` times GET `probe_url`: wrk's result and
+    the probe's milliseconds."""
+    with (
+        post_script(body, content_type) as script,
+        probing(probe_url, probe_headers) as latencies,
+    ):
+        result = wrk(
+            f"{base}/auth/login",
+            connections=connections,
+            seconds=seconds,
+            headers={},
+            script=script,
+        )
+    return result, latencies

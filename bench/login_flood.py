@@ -12,22 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
-import threading
 import time
 
 import httpx
 
-from bench.common import database, percentile, server, wrk
-
-
-def probe_healthz(base: str, stop: threading.Event, latencies: list[float]) -> None:
-    with httpx.Client(base_url=base, timeout=30) as client:
-        while not stop.is_set():
-            started = time.perf_counter()
-            client.get("/healthz").raise_for_status()
-            latencies.append((time.perf_counter() - started) * 1000)
-            stop.wait(0.02)
+from bench.common import database, flood_logins, percentile, probing, server
 
 
 def measure(
@@ -39,36 +28,16 @@ def measure(
     with server("sparc.app:create_app", env) as base:
         credentials = {"email": "flood@example.org", "password": "flood password"}
         httpx.post(f"{base}/auth/register", json=credentials, timeout=30)
-        idle: list[float] = []
-        stop = threading.Event()
-        prober = threading.Thread(target=probe_healthz, args=(base, stop, idle))
-        prober.start()
-        time.sleep(3)
-        stop.set()
-        prober.join()
-
-        with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-            script.write(
-                'wrk.method = "POST"\n'
-                f"wrk.body = {json.dumps(json.dumps(credentials))}\n"
-                'wrk.headers["Content-Type"] = "application/json"\n'
-            )
-        flooded: list[float] = []
-        stop = threading.Event()
-        prober = threading.Thread(target=probe_healthz, args=(base, stop, flooded))
-        prober.start()
-        try:
-            result = wrk(
-                f"{base}/auth/login",
-                connections=connections,
-                seconds=seconds,
-                headers={},
-                script=script.name,
-            )
-        finally:
-            stop.set()
-            prober.join()
-            os.unlink(script.name)
+        with probing(f"{base}/healthz") as idle:
+            time.sleep(3)
+        result, flooded = flood_logins(
+            base,
+            json.dumps(credentials),
+            "application/json",
+            probe_url=f"{base}/healthz",
+            connections=connections,
+            seconds=seconds,
+        )
     return {
         "logins_per_second": result.requests_per_second,
         "login_p99_ms": result.p99_ms,

@@ -17,11 +17,13 @@ import os
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import psutil
 
+from bench import fastapi_users_app
 from bench.common import REPO_ROOT, WrkResult, bearer_token, database, server, wrk
 
 RESULTS = REPO_ROOT / "bench" / "results"
@@ -30,6 +32,8 @@ APPS = {
     "sparc": "sparc.app:create_app",
     "bare asyncpg": "bench.reference_apps:bare",
     "connection per request": "bench.reference_apps:per_request",
+    # The peer a team would build instead (bench/peer.py measures its logins and overload).
+    "fastapi-users": "bench.fastapi_users_app:create_app",
 }
 
 
@@ -90,18 +94,25 @@ def main() -> None:
             server(APPS["sparc"], env) as sparc,
             server(APPS["bare asyncpg"], env) as bare,
             server(APPS["connection per request"], env) as per_request,
+            server(APPS["fastapi-users"], env) as peer,
         ):
             bases = {"sparc": sparc, "bare asyncpg": bare, "connection per request": per_request}
             headers = {"Authorization": f"Bearer {bearer_token(sparc)}"}
-            for base in bases.values():  # warm every app up before measuring
-                wrk(f"{base}/auth/me", connections=8, seconds=2, headers=headers)
+            # Each app's `me` lookup and bearer token: the peer has users and a path of its own.
+            me = {name: (f"{base}/auth/me", headers) for name, base in bases.items()}
+            me["fastapi-users"] = (
+                f"{peer}{fastapi_users_app.ME_PATH}",
+                {"Authorization": f"Bearer {fastapi_users_app.bearer_token(peer)}"},
+            )
+            for me_url, me_headers in me.values():  # warm every app up before measuring
+                wrk(me_url, connections=8, seconds=2, headers=me_headers)
             for round_number in range(1, args.rounds + 1):
-                for name, base in bases.items():
+                for name, (me_url, me_headers) in me.items():
                     result = wrk(
-                        f"{base}/auth/me",
+                        me_url,
                         connections=args.connections,
                         seconds=args.seconds,
-                        headers=headers,
+                        headers=me_headers,
                     )
                     runs[name].append(result)
                     print(
@@ -191,6 +202,8 @@ def main() -> None:
         ratio_to_bare=round(median["sparc"] / median["bare asyncpg"], 3),
         p99_ratio_to_bare=round(p99["sparc"] / p99["bare asyncpg"], 3),
         ratio_to_per_request=round(median["sparc"] / median["connection per request"], 1),
+        ratio_to_fastapi_users=round(median["sparc"] / median["fastapi-users"], 2),
+        p99_ratio_to_fastapi_users=round(p99["sparc"] / p99["fastapi-users"], 3),
         crowd={
             name: {
                 "clients": crowd,
@@ -227,6 +240,10 @@ def main() -> None:
         f"sparc / bare: {figures['ratio_to_bare']}x req/s, {figures['p99_ratio_to_bare']}x p99; "
         f"sparc / per-request: {figures['ratio_to_per_request']}x"
     )
+    print(
+        f"sparc / fastapi-users: {figures['ratio_to_fastapi_users']}x req/s, "
+        f"{figures['p99_ratio_to_fastapi_users']}x p99"
+    )
     for name, r in crowd_runs.items():
         print(
             f"{crowd} clients, {name}: {r.requests_per_second:.1f} req/s, "
@@ -249,10 +266,12 @@ def chart(median: dict[str, float], p99: dict[str, float], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(median)
+    labels = [textwrap.fill(name, 12) for name in names]  # four names side by side
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.bar(names, [median[n] for n in names], color=["#2a7", "#888", "#c44"])
+    colors = ["#2a7", "#888", "#c44", "#37c"][: len(names)]
+    left.bar(labels, [median[n] for n in names], color=colors)
     left.set_title("GET /auth/me, requests/s (median)")
-    right.bar(names, [p99[n] for n in names], color=["#2a7", "#888", "#c44"])
+    right.bar(labels, [p99[n] for n in names], color=colors)
     right.set_title("p99 latency, ms (median)")
     for axis in (left, right):
         axis.tick_params(axis="x", labelsize=8)

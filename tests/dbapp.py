@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 import asyncpg
+import httpx
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Scope
+from starlette.types import ASGIApp, Message, Scope
 
 from sparc.database import (
     APPLICATION_NAME,
@@ -59,6 +61,28 @@ def post_scope(path: str) -> dict[str, object]:
     return {"type": "http", "method": "POST", "path": path, "headers": [], "query_string": b""}
 
 
+async def post_from_a_client_that_left(app: ASGIApp, path: str) -> list[Message]:
+    """POST `path` to `app` (its lifespan running) from a client that disconnects right after
+    its empty body; the messages the app sent."""
+    messages: list[Message] = [
+        {"type": "http.request", "body": b"", "more_body": False},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        if messages:
+            return messages.pop(0)
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(post_scope(path), receive, send)
+    return sent
+
+
 async def note_bodies(admin: asyncpg.Connection) -> list[str]:
     return [row["body"] for row in await admin.fetch("SELECT body FROM notes ORDER BY id")]
 
@@ -89,6 +113,26 @@ def hold_connection(holding: anyio.Event, release: anyio.Event) -> Endpoint:
         return JSONResponse({})
 
     return endpoint
+
+
+async def get_while_held(
+    http: httpx.AsyncClient, path: str, *, holding: anyio.Event, release: anyio.Event
+) -> tuple[httpx.Response, httpx.Response, float]:
+    """GET `path` while GET /hold (a `hold_connection` endpoint) keeps a pooled connection:
+    the answer to /hold, the answer to `path`, and the seconds `path` took."""
+    held: list[httpx.Response] = []
+
+    async def hold() -> None:
+        held.append(await http.get("/hold"))
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(hold)
+        await holding.wait()
+        started = time.monotonic()
+        answer = await http.get(path)
+        elapsed = time.monotonic() - started
+        release.set()
+    return held[0], answer, elapsed
 
 
 async def query_once(request: Request) -> Response:

@@ -65,7 +65,7 @@ def check_response(response: httpx.Response) -> None:
         assert response.content == b"", f"{method.upper()} {template}: unexpected body"
         return
     assert media_type in content, f"{method.upper()} {template}: {media_type} not documented"
-    if media_type == "text/plain":
+    if media_type.startswith("text/"):
         _validate(response.text, content[media_type]["schema"])
     else:
         _validate(response.json(), content[media_type]["schema"])

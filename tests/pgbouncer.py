@@ -15,9 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
-import pytest
-
-from tests.processes import free_port
+from tests.processes import free_port, missing_program
 
 # CI installs pgbouncer and sets this, so a missing binary fails there instead of skipping.
 REQUIRE_VARIABLE = "SPARC_REQUIRE_PGBOUNCER"
@@ -41,10 +39,10 @@ def _executable() -> str:
     candidates = (shutil.which("pgbouncer"), "/usr/sbin/pgbouncer", "/usr/bin/pgbouncer")
     found = next((path for path in candidates if path and os.access(path, os.X_OK)), None)
     if found is None:
-        message = "pgbouncer is not installed (Debian: apt-get install pgbouncer)"
-        if os.environ.get(REQUIRE_VARIABLE):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_program(
+            "pgbouncer is not installed (Debian: apt-get install pgbouncer)",
+            required_by=REQUIRE_VARIABLE,
+        )
     return found
 
 

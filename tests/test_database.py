@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
 
 import anyio
 import anyio.abc
@@ -29,10 +28,12 @@ from sparc.database import (
 from sparc.settings import Settings
 from tests.conftest import poll_until, serving
 from tests.dbapp import (
+    get_while_held,
     hold_connection,
     insert_note,
     insert_then_hang,
     note_bodies,
+    post_from_a_client_that_left,
     post_scope,
     query_once,
     sparc_connections,
@@ -191,23 +192,8 @@ async def test_rollback_when_client_went_away(
         return JSONResponse({})
 
     app = tiny_app(settings, create=create)
-    messages = [
-        {"type": "http.request", "body": b"", "more_body": False},
-        {"type": "http.disconnect"},
-    ]
-    sent: list[dict[str, object]] = []
-
-    async def receive() -> dict[str, object]:
-        if messages:
-            return messages.pop(0)
-        await anyio.sleep_forever()
-        raise AssertionError
-
-    async def send(message: dict[str, object]) -> None:
-        sent.append(message)
-
     async with app.router.lifespan_context(app):
-        await app(post_scope("/create"), receive, send)
+        await post_from_a_client_that_left(app, "/create")
         assert app.state.client.pool_stats().in_use == 0
     assert await note_bodies(admin) == []
 
@@ -351,25 +337,17 @@ async def test_acquire_timeout_answers_503_quickly(
     release = anyio.Event()
 
     app = tiny_app(settings, hold=hold_connection(holding, release), query=query_once)
-    async with serving(app) as http, anyio.create_task_group() as group:
-        first: list[httpx.Response] = []
-        group.start_soon(lambda: _append(first, http.get("/hold")))
-        await holding.wait()
-        started = time.monotonic()
-        refused = await http.get("/query")
-        elapsed = time.monotonic() - started
-        release.set()
+    async with serving(app) as http:
+        first, refused, elapsed = await get_while_held(
+            http, "/query", holding=holding, release=release
+        )
     assert refused.status_code == 503
     assert refused.headers["retry-after"] == "1"
     assert refused.headers["content-type"] == "application/problem+json"
     assert "busy" in refused.json()["detail"]
     assert "DB_POOL_TIMEOUT" in caplog.text  # the detail goes only to the log
     assert elapsed < 2.0
-    assert first[0].status_code == 200
-
-
-async def _append(results: list[httpx.Response], request: Awaitable[httpx.Response]) -> None:
-    results.append(await request)
+    assert first.status_code == 200
 
 
 async def test_twenty_times_overload_never_exceeds_the_pool_bound(

@@ -58,6 +58,7 @@ async def test_every_route_and_status_carries_the_headers(http: httpx.AsyncClien
         (await http.get("/readyz"), 200),
         (await http.get("/metrics"), 200),
         (await http.get("/openapi.json"), 200),
+        (await http.get("/docs"), 200),
         (await register(http, "bob@example.org"), 201),
         (await register(http, "bob@example.org"), 409),
         (await register(http, "bob@example.org", "password"), 422),

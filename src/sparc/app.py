@@ -10,7 +10,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 
-from sparc import audit, auth, health, identity, metrics, openapi, retention, sessions
+from sparc import audit, auth, docs, health, identity, metrics, openapi, retention, sessions
 from sparc.database import DatabaseClient, DatabaseMiddleware
 from sparc.embedded import database_settings_async
 from sparc.headers import answer_headers
@@ -61,6 +61,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             *audit.routes,
             *openapi.routes,
             *metrics.routes,
+            *docs.routes,
         ],
         middleware=[
             *proxies,

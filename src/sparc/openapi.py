@@ -8,7 +8,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sparc import __version__, audit, auth, health, metrics, sessions
+from sparc import __version__, audit, auth, docs, health, metrics, sessions
 from sparc.audit import EVENT_TYPES
 from sparc.auth import (
     EMAIL_MAX_LENGTH,
@@ -228,6 +228,7 @@ PATHS = path_items(
     (health.routes, health.operations),
     (metrics.routes, metrics.operations),
     (routes, operations),
+    (docs.described_routes, docs.operations),
 )
 
 DOCUMENT: dict[str, Any] = {
@@ -259,6 +260,10 @@ DOCUMENT: dict[str, Any] = {
             "CacheControl": {
                 "description": "On every answer under /auth/: tokens and personal data.",
                 "schema": {"const": CACHE_CONTROL},
+            },
+            "DocsContentSecurityPolicy": {
+                "description": "What the docs page may load: only SPARC's own files.",
+                "schema": {"const": docs.CONTENT_SECURITY_POLICY},
             },
         },
     },
