@@ -158,8 +158,9 @@ async def refusing_connections(server_url: str, database_url: str) -> AsyncItera
 
 
 @pytest.fixture
-def settings(database_url: str) -> Settings:
-    return Settings(database_url=database_url, pool_max_size=5)
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    # The test's own data dir: with no SMTP server, mail is written there (sparc.mail_transport).
+    return Settings(database_url=database_url, pool_max_size=5, data_dir=tmp_path)
 
 
 @contextlib.asynccontextmanager

@@ -1,4 +1,5 @@
-"""The Starlette application: routes, middleware, error handlers, lifespan (pool, purge)."""
+"""The Starlette application: routes, middleware, error handlers, lifespan (pool, purge,
+mail delivery)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from sparc import audit, auth, health, identity, metrics, openapi, retention, se
 from sparc.database import DatabaseClient, DatabaseMiddleware
 from sparc.embedded import database_settings_async
 from sparc.headers import answer_headers
+from sparc.mail_delivery import MailDelivery, delivering_in_background
 from sparc.problems import Problem, handle_http_exception, handle_problem, handle_server_error
 from sparc.proxies import TrustedProxies, TrustedProxyMiddleware
 from sparc.security import PasswordHasher
@@ -29,6 +31,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app_metrics = metrics.Metrics()
     # One client, and so one pool, per app: every request shares it via DatabaseMiddleware.
     client = DatabaseClient(settings, events=app_metrics)
+    mail_delivery = MailDelivery(client, settings, events=app_metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -36,10 +39,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
         async with database_settings_async(settings) as resolved:
             await client.connect(database_url=resolved.database_url)
             try:
-                # Stopped before the pool closes, so a purge batch in flight rolls back cleanly.
+                # Stopped before the pool closes, so a purge batch in flight rolls back cleanly
+                # (and a delivery in flight stays leased, to be sent again).
                 async with (
                     app_metrics.sampling(client),
                     retention.purging_in_background(client, settings, events=app_metrics),
+                    delivering_in_background(mail_delivery),
                 ):
                     yield
             finally:

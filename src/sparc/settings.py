@@ -7,7 +7,8 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from email.utils import parseaddr
 from pathlib import Path
 from typing import Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -21,6 +22,11 @@ WORKERS_VARIABLE = "SPARC_WORKERS"
 # first imported, so `sparc serve` sets it before that.
 METRICS_DIRECTORY_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 ALLOWED_URL_SCHEMES = ("postgresql", "postgresql+asyncpg")
+# SPARC_SMTP_URL: smtp:// (STARTTLS; required when the URL carries a password) or smtps://
+# (TLS from the first byte).
+SMTP_URL_SCHEMES = ("smtp", "smtps")
+DEFAULT_MAIL_FROM = "SPARC <sparc@localhost>"
+DEFAULT_PUBLIC_URL = "http://localhost:8000"
 # DB_COMMAND_TIMEOUT's default: this much longer than DB_STATEMENT_TIMEOUT, or this long when
 # the statement timeout is off.
 COMMAND_TIMEOUT_MARGIN = 2.0
@@ -104,6 +110,23 @@ class Settings:
     audit_retention: float = 365 * 86400.0
     # How often each `sparc serve` process tries a purge; one process at a time does the work.
     purge_interval: float = 600.0
+    # Password-reset requests from one client address within the login window.
+    password_reset_ip_max: int = 20
+    # None: mail is written as .eml files under data_dir/mail/. Never in a repr: it may hold
+    # the SMTP password (see masked_smtp_url).
+    smtp_url: str | None = field(default=None, repr=False)
+    mail_from: str = DEFAULT_MAIL_FROM
+    # Each step of an SMTP conversation (connect, TLS, login, each command) gets this long.
+    smtp_timeout: float = 10.0
+    # A directory whose templates replace the shipped ones of the same name.
+    mail_templates: Path | None = None
+    # The front end that handles the links in mails (/reset-password, /verify-email).
+    public_url: str = DEFAULT_PUBLIC_URL
+    password_reset_ttl: float = 3600.0
+    email_verify_ttl: float = 86400.0
+    require_verified_email: bool = False
+    # The first retry of a failed delivery waits this long, each further one twice as long.
+    mail_retry_delay: float = 60.0
 
     def __post_init__(self) -> None:
         if self.database_url is not None:
@@ -124,6 +147,18 @@ class Settings:
                 f"DB_COMMAND_TIMEOUT={self.command_timeout:g}s must be longer than "
                 f"DB_STATEMENT_TIMEOUT={self.statement_timeout:g}s, so that PostgreSQL cancels a "
                 "slow statement before SPARC has to cut its connection"
+            )
+        if self.smtp_url is not None:
+            check_smtp_url(self.smtp_url)
+        if "@" not in parseaddr(self.mail_from)[1]:
+            raise SettingsError(
+                f"SPARC_MAIL_FROM={self.mail_from!r} is not an address "
+                "(e.g. sparc@example.org or 'SPARC <sparc@example.org>')"
+            )
+        public = urlsplit(self.public_url)
+        if public.scheme not in ("http", "https") or not public.netloc:
+            raise SettingsError(
+                f"SPARC_PUBLIC_URL={self.public_url!r} must be an http:// or https:// URL"
             )
         if self.pool_min_size > self.pool_max_size:
             raise SettingsError(
@@ -147,6 +182,13 @@ class Settings:
         if self.database_url is None:
             return "embedded PostgreSQL in " + str(self.data_dir)
         return mask_password(self.database_url)
+
+    @property
+    def masked_smtp_url(self) -> str:
+        """SPARC_SMTP_URL with its password replaced, fit for logs and error messages."""
+        if self.smtp_url is None:
+            return "no SMTP server: mail goes to " + str(self.data_dir / "mail")
+        return mask_password(self.smtp_url)
 
     def with_database_url(self, url: str) -> Settings:
         """A copy of these settings pointing at `url` (used once the embedded server is up)."""
@@ -193,6 +235,21 @@ def check_database_url(url: str, *, variable: str) -> None:
         )
     if not parts.path.strip("/"):
         raise SettingsError(f"{variable}={shown!r} names no database (postgresql://host/DBNAME)")
+
+
+def check_smtp_url(url: str) -> None:
+    shown = mask_password(url) if "://" in url else "***"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise SettingsError(f"SPARC_SMTP_URL={shown!r} is not a valid URL: {exc}") from None
+    if parts.scheme not in SMTP_URL_SCHEMES:
+        raise SettingsError(f"SPARC_SMTP_URL={shown!r} must start with smtp:// or smtps://")
+    if not parts.hostname:
+        raise SettingsError(f"SPARC_SMTP_URL={shown!r} names no host (smtp://host:587)")
+    if port == 0:
+        raise SettingsError(f"SPARC_SMTP_URL={shown!r} has port 0")
 
 
 def load_settings(
@@ -256,6 +313,16 @@ def load_settings(
         argon2_parallelism=reader.integer("SPARC_ARGON2_PARALLELISM", 1, minimum=1),
         audit_retention=reader.seconds("SPARC_AUDIT_RETENTION", 365 * 86400.0, allow_zero=False),
         purge_interval=reader.seconds("SPARC_PURGE_INTERVAL", 600.0, allow_zero=False),
+        password_reset_ip_max=reader.integer("SPARC_PASSWORD_RESET_IP_MAX", 20, minimum=1),
+        smtp_url=reader.optional_str("SPARC_SMTP_URL"),
+        mail_from=reader.optional_str("SPARC_MAIL_FROM") or DEFAULT_MAIL_FROM,
+        smtp_timeout=reader.seconds("SPARC_SMTP_TIMEOUT", 10.0, allow_zero=False),
+        mail_templates=reader.directory("SPARC_MAIL_TEMPLATES"),
+        public_url=(reader.optional_str("SPARC_PUBLIC_URL") or DEFAULT_PUBLIC_URL).rstrip("/"),
+        password_reset_ttl=reader.seconds("SPARC_PASSWORD_RESET_TTL", 3600.0, allow_zero=False),
+        email_verify_ttl=reader.seconds("SPARC_EMAIL_VERIFY_TTL", 86400.0, allow_zero=False),
+        require_verified_email=reader.boolean("SPARC_REQUIRE_VERIFIED_EMAIL", False),
+        mail_retry_delay=reader.seconds("SPARC_MAIL_RETRY_DELAY", 60.0, allow_zero=False),
     )
 
 
@@ -362,6 +429,16 @@ class _Reader:
         if value is None:
             raise SettingsError(f"{name}={raw!r} is not a boolean: use true or false")
         return value
+
+    def directory(self, name: str) -> Path | None:
+        """An existing directory, or None when the variable is unset."""
+        raw = self._raw(name)
+        if raw is None:
+            return None
+        path = Path(raw).expanduser()
+        if not path.is_dir():
+            raise SettingsError(f"{name}={raw!r} is not a directory")
+        return path
 
     def path(self, name: str, default: Path) -> Path:
         raw = self._raw(name)
