@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import email
 import email.policy
+import re
 from email.message import EmailMessage
 from typing import Any, cast
+from urllib.parse import parse_qs, urlsplit
 
 from aiosmtpd.controller import Controller
 
@@ -64,3 +66,26 @@ def text_of(message: EmailMessage, subtype: str = "plain") -> str:
     part = message.get_body(preferencelist=(subtype,))
     assert part is not None, f"no text/{subtype} part"
     return cast(str, cast(EmailMessage, part).get_content())
+
+
+_LINK = re.compile(r"https?://\S+\?token=\S+")
+
+
+def link_in(message: EmailMessage) -> str:
+    """The link of a reset or verification mail (from its plain-text part)."""
+    found = _LINK.search(text_of(message))
+    assert found is not None, text_of(message)
+    return found.group(0)
+
+
+def token_in(message: EmailMessage) -> str:
+    """The token a reset or verification mail carries, read from its link; the raw code the
+    mail also shows must be the same."""
+    token = parse_qs(urlsplit(link_in(message)).query)["token"][0]
+    assert token in text_of(message).split()
+    assert token in text_of(message, "html")
+    return token
+
+
+def with_subject(server: SmtpServer, subject: str) -> list[EmailMessage]:
+    return [message for message in server.messages if message["Subject"] == subject]

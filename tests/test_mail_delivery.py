@@ -37,22 +37,6 @@ from tests.test_retries import LOSE_THE_RACE
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-async def smtp() -> AsyncIterator[SmtpServer]:
-    server = SmtpServer()
-    await anyio.to_thread.run_sync(server.start)
-    try:
-        yield server
-    finally:
-        await anyio.to_thread.run_sync(server.stop)
-
-
-@pytest.fixture
-def mail_settings(settings: Settings, smtp: SmtpServer) -> Settings:
-    # Retries a fifth of a second apart, so an outage test takes seconds, not minutes.
-    return replace(settings, smtp_url=smtp.url, mail_retry_delay=0.2)
-
-
 async def queue_notice(to: str) -> None:
     await outbox.send(to=to, template=outbox.PASSWORD_CHANGED, context={})
 

@@ -11,7 +11,18 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 
-from sparc import audit, auth, health, identity, metrics, openapi, retention, sessions
+from sparc import (
+    audit,
+    auth,
+    email_verification,
+    health,
+    identity,
+    metrics,
+    openapi,
+    password_reset,
+    retention,
+    sessions,
+)
 from sparc.database import DatabaseClient, DatabaseMiddleware
 from sparc.embedded import database_settings_async
 from sparc.headers import answer_headers
@@ -64,6 +75,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             *health.routes,
             *sessions.routes,
             *audit.routes,
+            *password_reset.routes,
+            *email_verification.routes,
             *openapi.routes,
             *metrics.routes,
         ],
@@ -101,6 +114,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             account_max_failures=settings.login_account_max_failures,
             ip_max_failures=settings.login_ip_max_failures,
             registration_ip_max=settings.registration_ip_max,
+            password_reset_ip_max=settings.password_reset_ip_max,
             window=settings.login_window,
         ),
     )
