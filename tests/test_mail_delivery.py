@@ -3,6 +3,7 @@ and only if its request committed, once, and survives an SMTP outage."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import email
 import email.policy
@@ -23,8 +24,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from sparc import outbox
+from sparc.app import create_app
 from sparc.database import DatabaseClient, get_db_client, retry_on_conflict
-from sparc.mail_delivery import MAX_ATTEMPTS, MailDelivery, delivering_in_background
+from sparc.mail_delivery import (
+    DELIVERY_TASK_NAME,
+    MAX_ATTEMPTS,
+    MailDelivery,
+    delivering_in_background,
+)
 from sparc.mail_messages import MailBuilder
 from sparc.mail_transport import DeliveryFailed, SmtpTransport
 from sparc.problems import Problem
@@ -259,3 +266,15 @@ async def test_the_smtp_password_is_in_no_repr_error_or_log(
         await transport.deliver(MailBuilder(settings).build(message), message_id=message.id)
     assert SECRET not in str(unreachable.value)
     assert all(SECRET not in record.getMessage() for record in caplog.records)
+
+
+def delivery_tasks() -> list[asyncio.Task[object]]:
+    return [task for task in asyncio.all_tasks() if task.get_name() == DELIVERY_TASK_NAME]
+
+
+async def test_the_app_delivers_in_the_background_and_stops_at_shutdown(
+    mail_settings: Settings,
+) -> None:
+    async with serving(create_app(mail_settings)):
+        assert len(delivery_tasks()) == 1
+    assert delivery_tasks() == []

@@ -1,8 +1,9 @@
 """How a built mail leaves: an SMTP server (SPARC_SMTP_URL) or .eml files under the data dir.
 
-- `smtp://host:25`: a local relay, STARTTLS if the server offers it; `smtp://user:pass@host:587`:
-  STARTTLS required before the password is sent; `smtps://user:pass@host:465`: TLS from the
-  first byte. Certificates are checked against the system's trust store.
+- `smtp://host:25`: a local relay, plain SMTP (a relay's self-signed certificate would fail
+  the check below); `smtp://user:pass@host:587`: STARTTLS required before the password is sent;
+  `smtps://user:pass@host:465`: TLS from the first byte. Certificates are checked against the
+  system's trust store.
 - No SPARC_SMTP_URL: each mail is written to SPARC_DATA_DIR/mail/ as an .eml file and the log
   names the file, so a fresh `sparc serve` can run every mail flow without a mail server.
 
@@ -72,8 +73,8 @@ class SmtpTransport:
                 username=self._username,
                 password=self._password,
                 use_tls=self.use_tls,
-                # A password never crosses the wire in clear; a bare relay may speak plain SMTP.
-                start_tls=None if self.use_tls or self._username is None else True,
+                # A password never crosses the wire in clear; a bare relay speaks plain SMTP.
+                start_tls=not self.use_tls and self._username is not None,
                 timeout=self.timeout,
             )
         except aiosmtplib.SMTPException as exc:

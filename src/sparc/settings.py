@@ -23,8 +23,8 @@ WORKERS_VARIABLE = "SPARC_WORKERS"
 # first imported, so `sparc serve` sets it before that.
 METRICS_DIRECTORY_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 ALLOWED_URL_SCHEMES = ("postgresql", "postgresql+asyncpg")
-# SPARC_SMTP_URL: smtp:// (STARTTLS; required when the URL carries a password) or smtps://
-# (TLS from the first byte).
+# SPARC_SMTP_URL: smtp:// (plain for a relay; STARTTLS, required, when the URL carries a user)
+# or smtps:// (TLS from the first byte).
 SMTP_URL_SCHEMES = ("smtp", "smtps")
 DEFAULT_MAIL_FROM = "SPARC <sparc@localhost>"
 DEFAULT_PUBLIC_URL = "http://localhost:8000"
