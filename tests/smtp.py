@@ -3,9 +3,11 @@ again on the same port, as a mail server in an outage would."""
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import re
+import threading
 from email.message import EmailMessage
 from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
@@ -21,6 +23,9 @@ class CollectingHandler:
     def __init__(self) -> None:
         self.messages: list[EmailMessage] = []
         self.refused: set[str] = set()
+        # While cleared, a mail is kept but not acknowledged: the client waits for the 250.
+        self.acknowledging = threading.Event()
+        self.acknowledging.set()
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
@@ -33,6 +38,7 @@ class CollectingHandler:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         message = email.message_from_bytes(envelope.content, policy=email.policy.default)
         self.messages.append(cast(EmailMessage, message))
+        await asyncio.to_thread(self.acknowledging.wait)
         return "250 Message accepted for delivery"
 
 
@@ -57,6 +63,7 @@ class SmtpServer:
         self._controller.start()
 
     def stop(self) -> None:
+        self.handler.acknowledging.set()  # a held mail's thread must end for the loop to close
         if self._controller is not None:
             self._controller.stop()
             self._controller = None

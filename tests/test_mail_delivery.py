@@ -191,6 +191,31 @@ async def test_two_workers_on_one_outbox_send_each_mail_once(
     assert await admin.fetchval("SELECT max(attempts) FROM mail_outbox") == 1
 
 
+async def test_a_worker_stopped_after_the_server_took_a_mail_leaves_it_to_be_sent_again(
+    mail_settings: Settings, smtp: SmtpServer, admin: asyncpg.Connection
+) -> None:
+    # At least once: the server has the mail, but the worker stops before it hears the 250.
+    await admin.execute(
+        "INSERT INTO mail_outbox (kind, recipient) VALUES ('password_changed', 'twice@x.org')"
+    )
+    smtp.handler.acknowledging.clear()
+    async with DatabaseClient(mail_settings) as client:
+        async with delivering_in_background(MailDelivery(client, mail_settings)):
+            await poll_until(lambda: len(smtp.messages) == 1)
+        row = await admin.fetchrow("SELECT attempts, sent_at FROM mail_outbox")
+        assert row is not None and (row["attempts"], row["sent_at"]) == (1, None)
+        # The row stays leased; once the lease ends, a worker sends it again.
+        smtp.handler.acknowledging.set()
+        await admin.execute("UPDATE mail_outbox SET next_attempt_at = now()")
+        async with delivering_in_background(MailDelivery(client, mail_settings)):
+            await poll_until(lambda: len(smtp.messages) == 2)
+            await poll_until_async(
+                lambda: admin.fetchval("SELECT sent_at IS NOT NULL FROM mail_outbox")
+            )
+    first, second = smtp.messages
+    assert first["Message-ID"] == second["Message-ID"]  # so the receiver can drop the copy
+
+
 async def test_a_mail_the_server_refuses_for_good_fails_at_once(
     mail_settings: Settings,
     smtp: SmtpServer,
