@@ -8,8 +8,8 @@ them is locked:
   guessing spread over many addresses, far above what a few requests can reach;
 - per client address across accounts, locked after SPARC_LOGIN_IP_MAX_FAILURES: a spray.
 Registrations are counted per client address (SPARC_REGISTRATION_IP_MAX), and so are password
-reset requests (SPARC_PASSWORD_RESET_IP_MAX). A lock lasts one
-window, doubling with each repeated lockout of the same row.
+reset requests (SPARC_PASSWORD_RESET_IP_MAX). A lock lasts one window, doubling with each
+repeated lockout of the same row.
 """
 
 from __future__ import annotations
