@@ -8,6 +8,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -23,6 +24,7 @@ from sparc.embedded import embedded_postgres
 from sparc.migrations import upgrade
 from sparc.settings import Settings
 from tests.openapi_check import check_response_hook
+from tests.smtp import SmtpServer
 
 
 @pytest.fixture(scope="session")
@@ -158,8 +160,34 @@ async def refusing_connections(server_url: str, database_url: str) -> AsyncItera
 
 
 @pytest.fixture
-def settings(database_url: str) -> Settings:
-    return Settings(database_url=database_url, pool_max_size=5)
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    # The test's own data dir: with no SMTP server, mail is written there (sparc.mail_transport).
+    return Settings(database_url=database_url, pool_max_size=5, data_dir=tmp_path)
+
+
+@pytest.fixture
+async def smtp() -> AsyncIterator[SmtpServer]:
+    """A real SMTP server (aiosmtpd) on a port of its own, collecting what it is sent."""
+    server = SmtpServer()
+    await anyio.to_thread.run_sync(server.start)
+    try:
+        yield server
+    finally:
+        await anyio.to_thread.run_sync(server.stop)
+
+
+@pytest.fixture
+def mail_settings(settings: Settings, smtp: SmtpServer) -> Settings:
+    """`settings` mailing to `smtp`, retries a fifth of a second apart (an outage test takes
+    seconds, not minutes)."""
+    return replace(settings, smtp_url=smtp.url, mail_retry_delay=0.2)
+
+
+@pytest.fixture
+async def mail_http(mail_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """`http`, for an app whose mail goes to the `smtp` server."""
+    async with serving(create_app(mail_settings), check_openapi=True) as client:
+        yield client
 
 
 @contextlib.asynccontextmanager

@@ -116,8 +116,9 @@ async def test_me_shows_the_caller(http: httpx.AsyncClient) -> None:
     response = await http.get("/auth/me", headers=bearer(token))
     assert response.status_code == 200
     body = response.json()
-    assert set(body) == {"id", "email", "created_at"}
+    assert set(body) == {"id", "email", "email_verified", "created_at"}
     assert body["email"] == "ken@example.org"
+    assert body["email_verified"] is False  # until the mailed link is used
 
 
 @pytest.mark.parametrize(

@@ -129,13 +129,23 @@ def test_migrate_works_from_any_directory(cli_database: str, tmp_path: Path) -> 
     assert {"users", "sessions", "alembic_version"} <= tables
 
 
+HEAD_TABLES = {
+    "users",
+    "sessions",
+    "login_throttles",
+    "auth_events",
+    "mail_outbox",
+    "account_tokens",
+}
+
+
 def test_alembic_upgrade_and_downgrade_from_the_repo_root(cli_database: str) -> None:
     env = sparc_env(DATABASE_URL=cli_database)
     alembic = [sys.executable, "-m", "alembic"]
     for command, expected in (
-        (["upgrade", "head"], {"users", "sessions", "login_throttles", "auth_events"}),
+        (["upgrade", "head"], HEAD_TABLES),
         (["downgrade", "base"], set()),
-        (["upgrade", "head"], {"users", "sessions", "login_throttles", "auth_events"}),
+        (["upgrade", "head"], HEAD_TABLES),
     ):
         result = subprocess.run(
             [*alembic, *command],

@@ -25,8 +25,14 @@ async def test_readyz_reports_the_pool(http: httpx.AsyncClient) -> None:
     assert body["status"] == "ready"
     assert set(body["pool"]) == {"size", "idle", "in_use", "max"}
     assert body["pool"]["max"] == 5
-    assert body["pool"]["in_use"] == 0
     assert body["pool"]["size"] >= 1
+
+    async def nothing_in_use() -> bool:
+        # The mail worker's poll holds a connection for a moment now and then.
+        in_use: int = (await http.get("/readyz")).json()["pool"]["in_use"]
+        return in_use == 0
+
+    await poll_until_async(nothing_in_use)
 
 
 async def test_readyz_reports_the_schema_revision_it_finds_on_each_probe(

@@ -27,6 +27,14 @@ TABLES_AFTER = {
     "0001": {"users", "sessions"},
     "0002": {"users", "sessions", "login_throttles", "auth_events"},
     "0003": {"users", "sessions", "login_throttles", "auth_events"},
+    "0004": {
+        "users",
+        "sessions",
+        "login_throttles",
+        "auth_events",
+        "mail_outbox",
+        "account_tokens",
+    },
 }
 
 

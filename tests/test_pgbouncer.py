@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import anyio
@@ -17,12 +18,15 @@ import pytest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from sparc.app import create_app
 from sparc.database import get_db_client
 from sparc.settings import Settings
-from tests.conftest import serving
+from tests.conftest import poll_until, serving
 from tests.dbapp import hold_connection, insert_note, note_bodies, query_once, tiny_app
+from tests.helpers import register
 from tests.pgbouncer import PgBouncer, running_pgbouncer
 from tests.processes import poll, run_sparc, sparc_env, start_serve, stop
+from tests.smtp import SmtpServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.faults]
 
@@ -219,3 +223,19 @@ def test_pgbouncer_without_db_pgbouncer_stops_with_one_line_saying_so(
     assert last.endswith(
         "refused the startup parameter statement_timeout: is this PgBouncer? set DB_PGBOUNCER=true"
     ), result.stderr
+
+
+async def test_two_apps_behind_pgbouncer_deliver_each_mail_once(
+    pgbouncer: PgBouncer, database_url: str, smtp: SmtpServer, tmp_path: Path
+) -> None:
+    # The delivery worker keeps no session state: its poll and its claims are single
+    # statements, so transaction mode hands them any server connection.
+    settings = replace(
+        behind(pgbouncer, database_url), smtp_url=smtp.url, data_dir=tmp_path, pool_max_size=3
+    )
+    addresses = sorted(f"bounced{n}@example.org" for n in range(10))
+    async with serving(create_app(settings)) as first, serving(create_app(settings)) as second:
+        for n, address in enumerate(addresses):
+            assert (await register([first, second][n % 2], address)).status_code == 201
+        await poll_until(lambda: len(smtp.messages) >= len(addresses))
+    assert sorted(message["To"] for message in smtp.messages) == addresses

@@ -16,6 +16,7 @@ from sparc.retention import (
     MAX_BATCH_ROWS,
     PURGE_LOCK_KEY,
     PURGE_TASK_NAME,
+    SENT_MAIL_RETENTION,
     PurgeEvents,
     PurgeReport,
     purge,
@@ -228,6 +229,37 @@ async def test_audit_events_older_than_the_retention_are_purged(
     assert kept == {"a day short", "new"}
 
 
+async def test_expired_tokens_and_mail_sent_or_failed_a_week_ago_are_purged(
+    settings: Settings, admin: asyncpg.Connection
+) -> None:
+    user_id = await admin.fetchval(
+        "INSERT INTO users (email, password_hash) VALUES ('mailed@example.org', 'x') RETURNING id"
+    )
+    await admin.executemany(
+        "INSERT INTO account_tokens (token_hash, user_id, purpose, expires_at)"
+        " VALUES ($1, $2, 'password_reset', now() + $3 * interval '1 s')",
+        [(b"expired", user_id, -1.0), (b"live", user_id, 3600.0)],
+    )
+    week = SENT_MAIL_RETENTION
+    rows = [  # (label, created this long ago, sent, failed)
+        ("sent long ago", week + 60, True, False),
+        ("failed long ago", week + 60, False, True),
+        ("sent lately", week - 3600, True, False),
+        ("pending long", week + 60, False, False),  # still to deliver: never purged
+    ]
+    await admin.executemany(
+        "INSERT INTO mail_outbox (user_id, kind, recipient, created_at, sent_at, failed_at)"
+        " VALUES ($1, 'password_changed', $2, now() - $3 * interval '1 s',"
+        " CASE WHEN $4 THEN now() END, CASE WHEN $5 THEN now() END)",
+        [(user_id, *row) for row in rows],
+    )
+    report = await purge_now(settings)
+    assert (report.deleted["account_tokens"], report.deleted["mail_outbox"]) == (1, 2)
+    assert await admin.fetchval("SELECT token_hash FROM account_tokens") == b"live"
+    kept = {row["recipient"] for row in await admin.fetch("SELECT recipient FROM mail_outbox")}
+    assert kept == {"sent lately", "pending long"}
+
+
 async def test_the_purge_deletes_in_batches_each_its_own_transaction(
     database_url: str, admin: asyncpg.Connection
 ) -> None:
@@ -236,10 +268,16 @@ async def test_the_purge_deletes_in_batches_each_its_own_transaction(
     batches, transactions = BatchesSeen(), TransactionsSeen()
     async with DatabaseClient(settings, events=transactions) as client:
         report = await purge(client, settings, events=batches, batch_size=100)
-    assert report.deleted == {"sessions": 0, "login_throttles": 250, "auth_events": 0}
+    assert report.deleted == {
+        "sessions": 0,
+        "login_throttles": 250,
+        "auth_events": 0,
+        "account_tokens": 0,
+        "mail_outbox": 0,
+    }
     assert batches.batches == [("login_throttles", 100)] * 2 + [("login_throttles", 50)]
     # One per batch, and one per table that found nothing.
-    assert transactions.committed == 5
+    assert transactions.committed == 7
 
 
 async def test_the_purge_needs_only_one_pooled_connection(
@@ -373,6 +411,8 @@ def test_sparc_purge_prints_the_rows_deleted_per_table(cli_database: str) -> Non
         "sessions: 1 row deleted",
         "login_throttles: 2 rows deleted",
         "auth_events: 1 row deleted",
+        "account_tokens: 0 rows deleted",
+        "mail_outbox: 0 rows deleted",
     ]
     again = run_sparc("purge", env=env)
     assert again.stdout.splitlines()[1] == "login_throttles: 0 rows deleted"

@@ -40,9 +40,15 @@ def test_defaults() -> None:
     assert (settings.argon2_time_cost, settings.argon2_memory_kib) == (2, 19456)
     assert settings.argon2_parallelism == 1
     assert (settings.audit_retention, settings.purge_interval) == (365 * 86400.0, 600.0)
+    assert settings.smtp_url is None and settings.mail_templates is None
+    assert (settings.mail_from, settings.smtp_timeout) == ("SPARC <sparc@localhost>", 10.0)
+    assert settings.public_url == "http://localhost:8000"
+    assert (settings.password_reset_ttl, settings.email_verify_ttl) == (3600.0, 86400.0)
+    assert settings.require_verified_email is False
+    assert (settings.mail_retry_delay, settings.password_reset_ip_max) == (60.0, 20)
 
 
-def test_every_variable_is_read() -> None:
+def test_every_variable_is_read(tmp_path: Path) -> None:
     settings = load_settings(
         {
             "DATABASE_URL": "postgresql+asyncpg://u:p@db.example:6432/app",
@@ -78,6 +84,16 @@ def test_every_variable_is_read() -> None:
             "SPARC_ARGON2_PARALLELISM": "4",
             "SPARC_AUDIT_RETENTION": "90d",
             "SPARC_PURGE_INTERVAL": "1m",
+            "SPARC_PASSWORD_RESET_IP_MAX": "9",
+            "SPARC_SMTP_URL": "smtps://mailer:pw@smtp.example:465",
+            "SPARC_MAIL_FROM": "Accounts <accounts@example.org>",
+            "SPARC_SMTP_TIMEOUT": "20s",
+            "SPARC_MAIL_TEMPLATES": str(tmp_path),
+            "SPARC_PUBLIC_URL": "https://app.example.org/",
+            "SPARC_PASSWORD_RESET_TTL": "30m",
+            "SPARC_EMAIL_VERIFY_TTL": "3d",
+            "SPARC_REQUIRE_VERIFIED_EMAIL": "true",
+            "SPARC_MAIL_RETRY_DELAY": "2m",
         }
     )
     assert settings == Settings(
@@ -118,6 +134,16 @@ def test_every_variable_is_read() -> None:
         argon2_parallelism=4,
         audit_retention=90 * 86400.0,
         purge_interval=60.0,
+        password_reset_ip_max=9,
+        smtp_url="smtps://mailer:pw@smtp.example:465",
+        mail_from="Accounts <accounts@example.org>",
+        smtp_timeout=20.0,
+        mail_templates=tmp_path,
+        public_url="https://app.example.org",
+        password_reset_ttl=1800.0,
+        email_verify_ttl=3 * 86400.0,
+        require_verified_email=True,
+        mail_retry_delay=120.0,
     )
 
 
@@ -171,6 +197,18 @@ def test_every_variable_is_read() -> None:
         ("SPARC_AUDIT_RETENTION", "a year", "not a duration"),
         ("SPARC_PURGE_INTERVAL", "0s", "more than 0"),
         ("SPARC_PURGE_INTERVAL", "-10m", "not a duration"),
+        ("SPARC_PASSWORD_RESET_IP_MAX", "0", "at least 1"),
+        ("SPARC_SMTP_URL", "http://mail.example", "must start with smtp:// or smtps://"),
+        ("SPARC_SMTP_URL", "smtp://", "names no host"),
+        ("SPARC_SMTP_URL", "smtp://mail.example:99999", "not a valid URL"),
+        ("SPARC_MAIL_FROM", "nobody", "is not an address"),
+        ("SPARC_SMTP_TIMEOUT", "0", "more than 0"),
+        ("SPARC_MAIL_TEMPLATES", "/no/such/directory", "is not a directory"),
+        ("SPARC_PUBLIC_URL", "app.example.org", "must be an http:// or https:// URL"),
+        ("SPARC_PASSWORD_RESET_TTL", "0", "more than 0"),
+        ("SPARC_EMAIL_VERIFY_TTL", "a day", "not a duration"),
+        ("SPARC_REQUIRE_VERIFIED_EMAIL", "sometimes", "not a boolean"),
+        ("SPARC_MAIL_RETRY_DELAY", "0", "more than 0"),
     ],
 )
 def test_bad_value_names_the_variable_and_value(variable: str, value: str, complaint: str) -> None:
@@ -229,6 +267,23 @@ def test_password_is_masked_in_errors_and_for_logs() -> None:
     settings = load_settings({"DATABASE_URL": "postgresql://admin:s3cret@h/db"})
     assert settings.masked_database_url == "postgresql://admin:***@h/db"
     assert "s3cret" not in repr(settings.masked_database_url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://mailer:s3cret@smtp.example",
+        "smtp://mailer:s3cret@smtp.example:99999",
+        "smtp://mailer:s3cret@:587",
+    ],
+)
+def test_the_smtp_password_is_in_no_error_nor_repr(url: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"SPARC_SMTP_URL": url})
+    assert "s3cret" not in str(caught.value)
+    settings = load_settings({"SPARC_SMTP_URL": "smtp://mailer:s3cret@smtp.example:587"})
+    assert "s3cret" not in repr(settings)
+    assert settings.masked_smtp_url == "smtp://mailer:***@smtp.example:587"
 
 
 def test_dotenv_in_the_working_directory_is_honoured(

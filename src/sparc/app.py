@@ -1,4 +1,5 @@
-"""The Starlette application: routes, middleware, error handlers, lifespan (pool, purge)."""
+"""The Starlette application: routes, middleware, error handlers, lifespan (pool, purge,
+mail delivery)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,23 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 
-from sparc import audit, auth, docs, health, identity, metrics, openapi, retention, sessions
+from sparc import (
+    audit,
+    auth,
+    docs,
+    email_verification,
+    health,
+    identity,
+    metrics,
+    openapi,
+    password_reset,
+    retention,
+    sessions,
+)
 from sparc.database import DatabaseClient, DatabaseMiddleware
 from sparc.embedded import database_settings_async
 from sparc.headers import answer_headers
+from sparc.mail_delivery import MailDelivery, delivering_in_background
 from sparc.problems import Problem, handle_http_exception, handle_problem, handle_server_error
 from sparc.proxies import TrustedProxies, TrustedProxyMiddleware
 from sparc.security import PasswordHasher
@@ -29,6 +43,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app_metrics = metrics.Metrics()
     # One client, and so one pool, per app: every request shares it via DatabaseMiddleware.
     client = DatabaseClient(settings, events=app_metrics)
+    mail_delivery = MailDelivery(client, settings, events=app_metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -36,10 +51,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
         async with database_settings_async(settings) as resolved:
             await client.connect(database_url=resolved.database_url)
             try:
-                # Stopped before the pool closes, so a purge batch in flight rolls back cleanly.
+                # Stopped before the pool closes, so a purge batch in flight rolls back cleanly
+                # (and a delivery in flight stays leased, to be sent again).
                 async with (
                     app_metrics.sampling(client),
                     retention.purging_in_background(client, settings, events=app_metrics),
+                    delivering_in_background(mail_delivery),
                 ):
                     yield
             finally:
@@ -59,6 +76,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             *health.routes,
             *sessions.routes,
             *audit.routes,
+            *password_reset.routes,
+            *email_verification.routes,
             *openapi.routes,
             *metrics.routes,
             *docs.routes,
@@ -97,6 +116,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             account_max_failures=settings.login_account_max_failures,
             ip_max_failures=settings.login_ip_max_failures,
             registration_ip_max=settings.registration_ip_max,
+            password_reset_ip_max=settings.password_reset_ip_max,
             window=settings.login_window,
         ),
     )

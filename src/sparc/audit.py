@@ -25,6 +25,8 @@ EVENT_TYPES = (
     "session_revoked",
     "password_changed",
     "login_throttled",
+    "password_reset",
+    "email_verified",
 )
 PAGE_SIZE_DEFAULT = 20
 PAGE_SIZE_MAX = 100

@@ -9,10 +9,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sparc import audit
+from sparc import account_tokens, audit, outbox
 from sparc.clients import client_ip, client_user_agent
 from sparc.common_passwords import is_common
 from sparc.database import get_db_client, retry_on_conflict
+from sparc.email_verification import queue_verification
 from sparc.identity import BEARER_CHALLENGE, current_user
 from sparc.openapi_parts import NO_CONTENT, Operations, json_answer, operation, problem_answer
 from sparc.payloads import FieldErrors, read_json_object
@@ -40,7 +41,7 @@ def _check_email(errors: FieldErrors, body: dict[str, object]) -> str:
     return email
 
 
-def _check_new_password(errors: FieldErrors, body: dict[str, object], field: str) -> str:
+def check_new_password(errors: FieldErrors, body: dict[str, object], field: str) -> str:
     """A password being set (register, change): the length bounds, and not a common one."""
     password = errors.string(
         body, field, min_length=PASSWORD_MIN_LENGTH, max_length=PASSWORD_MAX_LENGTH
@@ -69,7 +70,7 @@ async def register(request: Request) -> Response:
     body = await read_json_object(request)
     errors = FieldErrors()
     email = _check_email(errors, body)
-    password = _check_new_password(errors, body, "password")
+    password = check_new_password(errors, body, "password")
     errors.raise_if_any()
     db = get_db_client()
     hasher, throttle = password_hasher_of(request), login_throttle_of(request)
@@ -99,6 +100,7 @@ async def register(request: Request) -> Response:
         db.keep_writes()  # the registration still counts against the address
         raise Problem(409, "An account with this email already exists.")
     await audit.record("register", request, user_id=row["id"])
+    await queue_verification(row["id"], row["email"], settings_of(request))
     return JSONResponse({"id": str(row["id"]), "email": row["email"]}, status_code=201)
 
 
@@ -120,7 +122,8 @@ async def login(request: Request) -> Response:
             db.keep_writes()
             raise _throttled(retry_after)
         user = await db.fetch_one(
-            "SELECT id, password_hash FROM users WHERE lower(email) = lower(:email)",
+            "SELECT id, password_hash, email_verified_at FROM users "
+            "WHERE lower(email) = lower(:email)",
             {"email": email},
         )
         # Unknown email and wrong password cost the same work and get the same answer.
@@ -141,6 +144,12 @@ async def login(request: Request) -> Response:
         db.keep_writes()  # the failure counts and the audit entry outlive the 401
         raise Problem(401, "The email or password is wrong.", headers=BEARER_CHALLENGE)
 
+    # Only after the right password: a 403 for a wrong one would tell who has an account.
+    if settings_of(request).require_verified_email and user["email_verified_at"] is None:
+        raise Problem(
+            403,
+            "Verify your email first: open the link in the mail we sent, or ask for a new one.",
+        )
     await throttle.forget_failures(email, ip)
     if rehashed is not None:
         await db.execute(
@@ -173,7 +182,12 @@ async def login(request: Request) -> Response:
 async def me(request: Request) -> Response:
     user = current_user(request)
     return JSONResponse(
-        {"id": str(user.id), "email": user.email, "created_at": user.created_at.isoformat()}
+        {
+            "id": str(user.id),
+            "email": user.email,
+            "email_verified": user.email_verified,
+            "created_at": user.created_at.isoformat(),
+        }
     )
 
 
@@ -192,7 +206,7 @@ async def change_password(request: Request) -> Response:
     body = await read_json_object(request)
     errors = FieldErrors()
     current = _check_given_password(errors, body, "current_password")
-    new = _check_new_password(errors, body, "new_password")
+    new = check_new_password(errors, body, "new_password")
     errors.raise_if_any()
     db = get_db_client()
     hasher, throttle = password_hasher_of(request), login_throttle_of(request)
@@ -219,7 +233,10 @@ async def change_password(request: Request) -> Response:
         "DELETE FROM sessions WHERE user_id = :user_id AND id <> :session_id",
         {"user_id": user.id, "session_id": user.session_id},
     )
+    # A reset link mailed before the change must not undo it.
+    await account_tokens.revoke(user.id, account_tokens.PASSWORD_RESET)
     await audit.record("password_changed", request, user_id=user.id)
+    await outbox.send(to=user.email, template=outbox.PASSWORD_CHANGED, context={}, user_id=user.id)
     return Response(status_code=204)
 
 
@@ -253,6 +270,10 @@ operations: Operations = {
         {
             "200": json_answer("Token", "A new session's token (shown only this once)."),
             "401": problem_answer("Wrong email or password (the same answer for both)."),
+            "403": problem_answer(
+                "The password is right but the email is not verified yet "
+                "(only with SPARC_REQUIRE_VERIFIED_EMAIL=true)."
+            ),
             **_THROTTLED,
         },
         body="Credentials",

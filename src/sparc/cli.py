@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, cast
 from sparc.database import DatabaseClient, DatabaseUnavailable, QueryError
 from sparc.embedded import database_settings
 from sparc.logs import logging_config
+from sparc.mail_messages import MailBuilder
 from sparc.migrations import (
     SchemaPosition,
     head_revision,
@@ -139,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.config.dictConfig(logging_config(level))
     try:
         settings = load_settings()
+        if args.command == "serve":
+            MailBuilder(settings).check_templates()
     except SettingsError as exc:
         print(f"sparc: {exc}", file=sys.stderr)
         return 2

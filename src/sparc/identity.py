@@ -36,6 +36,7 @@ class AuthenticatedUser(BaseUser):
     email: str
     created_at: datetime
     session_id: uuid.UUID
+    email_verified: bool = False
 
     @property
     def is_authenticated(self) -> bool:
@@ -96,6 +97,7 @@ class BearerTokenBackend(AuthenticationBackend):
         row = await db.fetch_one_before_transaction(
             """
             SELECT s.id AS session_id, u.id, u.email, u.created_at,
+                   u.email_verified_at IS NOT NULL AS email_verified,
                    s.last_seen_at < now() - CAST(:resolution AS interval) AS seen_long_ago
             FROM sessions s JOIN users u ON u.id = s.user_id
             WHERE s.token_hash = :token_hash AND s.expires_at > now()
@@ -116,6 +118,7 @@ class BearerTokenBackend(AuthenticationBackend):
             email=row["email"],
             created_at=row["created_at"],
             session_id=row["session_id"],
+            email_verified=row["email_verified"],
         )
         return AuthCredentials(["authenticated"]), user
 

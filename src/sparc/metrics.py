@@ -32,7 +32,9 @@ from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Scope
 
 from sparc.database import DatabaseClient, PoolEvents
+from sparc.mail_delivery import MailEvents
 from sparc.openapi_parts import Operations, operation
+from sparc.outbox import KINDS
 from sparc.retention import PURGED_TABLES, PurgeEvents
 from sparc.settings import metrics_directory
 from sparc.state import metrics_of
@@ -41,6 +43,8 @@ from sparc.state import metrics_of
 POOL_SAMPLE_SECONDS = 1.0
 
 _WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# From queueing to the server taking it: a fraction of a second, or minutes across an outage.
+_MAIL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -78,7 +82,7 @@ class _HistogramTally:
                 bucket.inc(count)
 
 
-class Metrics(PoolEvents, PurgeEvents):
+class Metrics(PoolEvents, PurgeEvents, MailEvents):
     """Every metric SPARC exports, on a registry of its own (one per app)."""
 
     def __init__(self) -> None:
@@ -155,6 +159,26 @@ class Metrics(PoolEvents, PurgeEvents):
             registry=registry,
         )
         self._purged_rows = {table: purged_rows.labels(table=table) for table in PURGED_TABLES}
+
+        def by_kind(name: str, documentation: str) -> dict[str, Counter]:
+            counter = Counter(name, documentation, ["kind"], registry=registry)
+            return {kind: counter.labels(kind=kind) for kind in KINDS}
+
+        self._mail_queued = by_kind(
+            "sparc_mail_queued", "Mails committed to the outbox (counted at their first attempt)."
+        )
+        self._mail_sent = by_kind("sparc_mail_sent", "Mails the transport took.")
+        self._mail_retried = by_kind(
+            "sparc_mail_retries", "Failed delivery attempts that will be tried again."
+        )
+        self._mail_failed = by_kind("sparc_mail_failed", "Mails given up on, marked failed.")
+        self.mail_delivery = Histogram(
+            "sparc_mail_delivery_seconds",
+            "Time from a mail's queueing in the outbox to the transport taking it.",
+            buckets=_MAIL_BUCKETS,
+            registry=registry,
+        )
+        self._mail_deliveries = _HistogramTally(self.mail_delivery)
         # What happened since the last flush(), by the counter or histogram it goes to.
         self._counts: dict[Counter, int] = {}
         self._acquire_waits = _HistogramTally(self.acquire_wait)
@@ -195,6 +219,7 @@ class Metrics(PoolEvents, PurgeEvents):
         for counter, count in counts.items():
             counter.inc(count)
         self._acquire_waits.flush()
+        self._mail_deliveries.flush()
         for latency in self._latencies.values():
             latency.flush()
 
@@ -226,6 +251,20 @@ class Metrics(PoolEvents, PurgeEvents):
     # PurgeEvents
     def rows_purged(self, table: str, count: int) -> None:
         self._count(self._purged_rows[table], count)
+
+    # MailEvents
+    def mail_queued(self, kind: str) -> None:
+        self._count(self._mail_queued[kind])
+
+    def mail_sent(self, kind: str, seconds: float) -> None:
+        self._count(self._mail_sent[kind])
+        self._mail_deliveries.observe(seconds)
+
+    def mail_retried(self, kind: str) -> None:
+        self._count(self._mail_retried[kind])
+
+    def mail_failed(self, kind: str) -> None:
+        self._count(self._mail_failed[kind])
 
     def sample_pool(self, client: DatabaseClient) -> None:
         stats = client.pool_stats()

@@ -8,7 +8,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sparc import __version__, audit, auth, docs, health, metrics, sessions
+from sparc import (
+    __version__,
+    audit,
+    auth,
+    docs,
+    email_verification,
+    health,
+    metrics,
+    password_reset,
+    sessions,
+)
+from sparc.account_tokens import TOKEN_MAX_LENGTH
 from sparc.audit import EVENT_TYPES
 from sparc.auth import (
     EMAIL_MAX_LENGTH,
@@ -38,6 +49,11 @@ _NEW_PASSWORD = string_schema(
     minLength=PASSWORD_MIN_LENGTH,
     maxLength=PASSWORD_MAX_LENGTH,
     description=f"Not one of the {len(common_passwords()):,} most common passwords, in any case.",
+)
+_MAILED_TOKEN = string_schema(
+    minLength=1,
+    maxLength=TOKEN_MAX_LENGTH,
+    description="The code from the mail (the `token` of its link).",
 )
 _GIVEN_PASSWORD = string_schema(minLength=GIVEN_PASSWORD_MIN_LENGTH, maxLength=PASSWORD_MAX_LENGTH)
 
@@ -78,6 +94,27 @@ SCHEMAS: dict[str, Any] = {
         "required": ["current_password", "new_password"],
         "properties": {"current_password": _GIVEN_PASSWORD, "new_password": _NEW_PASSWORD},
     },
+    "PasswordResetRequest": {
+        "type": "object",
+        "required": ["email"],
+        "properties": {"email": string_schema(maxLength=EMAIL_MAX_LENGTH)},
+    },
+    "PasswordResetConfirm": {
+        "type": "object",
+        "required": ["token", "new_password"],
+        "properties": {"token": _MAILED_TOKEN, "new_password": _NEW_PASSWORD},
+    },
+    "EmailVerification": {
+        "type": "object",
+        "required": ["token"],
+        "properties": {"token": _MAILED_TOKEN},
+    },
+    "Accepted": {
+        "type": "object",
+        "required": ["detail"],
+        "properties": {"detail": string_schema()},
+        "additionalProperties": False,
+    },
     "Account": {
         "type": "object",
         "required": ["id", "email"],
@@ -86,10 +123,14 @@ SCHEMAS: dict[str, Any] = {
     },
     "Me": {
         "type": "object",
-        "required": ["id", "email", "created_at"],
+        "required": ["id", "email", "email_verified", "created_at"],
         "properties": {
             "id": string_schema(format="uuid"),
             "email": string_schema(),
+            "email_verified": {
+                "type": "boolean",
+                "description": "The holder showed the address is theirs (a mailed token).",
+            },
             "created_at": _TIMESTAMP,
         },
         "additionalProperties": False,
@@ -225,6 +266,8 @@ PATHS = path_items(
     (auth.routes, auth.operations),
     (sessions.routes, sessions.operations),
     (audit.routes, audit.operations),
+    (password_reset.routes, password_reset.operations),
+    (email_verification.routes, email_verification.operations),
     (health.routes, health.operations),
     (metrics.routes, metrics.operations),
     (routes, operations),

@@ -2,7 +2,8 @@
 
 - What goes: sessions past `expires_at` or idle past SPARC_TOKEN_IDLE_TIMEOUT; throttle rows
   whose window has passed and whose lock (if any) ended more than a window ago; audit events
-  older than SPARC_AUDIT_RETENTION.
+  older than SPARC_AUDIT_RETENTION; mailed tokens past their expiry; outbox rows sent or failed
+  more than SENT_MAIL_RETENTION ago.
 - How: table by table, in batches of at most MAX_BATCH_ROWS, each batch a short transaction of
   its own on one pooled connection, yielding to the event loop between batches.
 - Who: one process of the deployment at a time. Every batch first takes a transaction-level
@@ -35,6 +36,9 @@ MAX_BATCH_ROWS = 1000
 # The advisory lock every batch takes first: eight ASCII bytes read as a bigint, a key no other
 # code of the service uses.
 PURGE_LOCK_KEY = int.from_bytes(b"sparcpur", "big")
+# Sent and failed mail (an address, a kind, a time; never a token) is kept this long for an
+# operator to look into, and at least the hour the reset-mail limits count back over.
+SENT_MAIL_RETENTION = 7 * 86400.0
 # The background purge's task name, as asyncio shows it.
 PURGE_TASK_NAME = "sparc purge"
 
@@ -87,6 +91,19 @@ _RULES = (
         "id",
         "created_at < now() - CAST(:age AS interval)",
         lambda settings: settings.audit_retention,
+    ),
+    _Rule(
+        "account_tokens",
+        "token_hash",
+        "expires_at <= now() - CAST(:age AS interval)",
+        lambda settings: 0.0,  # an expired token is refused anyway
+    ),
+    _Rule(
+        "mail_outbox",
+        "id",
+        "(sent_at IS NOT NULL OR failed_at IS NOT NULL)"
+        " AND created_at < now() - CAST(:age AS interval)",
+        lambda settings: SENT_MAIL_RETENTION,
     ),
 )
 PURGED_TABLES = tuple(rule.table for rule in _RULES)

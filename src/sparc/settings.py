@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import ipaddress
-import math
 import os
-import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from email.utils import parseaddr
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import platformdirs
 from environs import Env
+
+from sparc._settings_reader import IPNetwork as IPNetwork
+from sparc._settings_reader import Reader
+from sparc._settings_reader import SettingsError as SettingsError
 
 # Set by `sparc serve` for its workers, so each can state the service's whole connection bound.
 WORKERS_VARIABLE = "SPARC_WORKERS"
@@ -21,28 +23,21 @@ WORKERS_VARIABLE = "SPARC_WORKERS"
 # first imported, so `sparc serve` sets it before that.
 METRICS_DIRECTORY_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 ALLOWED_URL_SCHEMES = ("postgresql", "postgresql+asyncpg")
+# SPARC_SMTP_URL: smtp:// (plain for a relay; STARTTLS, required, when the URL carries a user)
+# or smtps:// (TLS from the first byte).
+SMTP_URL_SCHEMES = ("smtp", "smtps")
+DEFAULT_MAIL_FROM = "SPARC <sparc@localhost>"
+DEFAULT_PUBLIC_URL = "http://localhost:8000"
 # DB_COMMAND_TIMEOUT's default: this much longer than DB_STATEMENT_TIMEOUT, or this long when
 # the statement timeout is off.
 COMMAND_TIMEOUT_MARGIN = 2.0
 COMMAND_TIMEOUT_WITHOUT_STATEMENT_TIMEOUT = 60.0
 DEFAULT_DATA_DIR = Path(platformdirs.user_data_dir("sparc"))
 DEFAULT_HASH_CONCURRENCY = os.cpu_count() or 1
-_DURATION = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?$")
-_BOOLEANS = {"true": True, "1": True, "yes": True, "on": True}
-_BOOLEANS |= {"false": False, "0": False, "no": False, "off": False}
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 # SPARC_MIGRATE: "auto" lets `sparc serve` migrate before it serves; with "off" migrating is a
 # release step of its own (`sparc migrate`) and `sparc serve` only checks the schema.
 MigrateMode = Literal["auto", "off"]
 MIGRATE_MODES: tuple[MigrateMode, ...] = ("auto", "off")
-_Choice = TypeVar("_Choice", bound=str)
-
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-class SettingsError(ValueError):
-    """A setting has a value SPARC cannot use; the message names the variable and the value."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +99,23 @@ class Settings:
     audit_retention: float = 365 * 86400.0
     # How often each `sparc serve` process tries a purge; one process at a time does the work.
     purge_interval: float = 600.0
+    # Password-reset requests from one client address within the login window.
+    password_reset_ip_max: int = 20
+    # None: mail is written as .eml files under data_dir/mail/. Never in a repr: it may hold
+    # the SMTP password (see masked_smtp_url).
+    smtp_url: str | None = field(default=None, repr=False)
+    mail_from: str = DEFAULT_MAIL_FROM
+    # Each step of an SMTP conversation (connect, TLS, login, each command) gets this long.
+    smtp_timeout: float = 10.0
+    # A directory whose templates replace the shipped ones of the same name.
+    mail_templates: Path | None = None
+    # The front end that handles the links in mails (/reset-password, /verify-email).
+    public_url: str = DEFAULT_PUBLIC_URL
+    password_reset_ttl: float = 3600.0
+    email_verify_ttl: float = 86400.0
+    require_verified_email: bool = False
+    # The first retry of a failed delivery waits this long, each further one twice as long.
+    mail_retry_delay: float = 60.0
 
     def __post_init__(self) -> None:
         if self.database_url is not None:
@@ -124,6 +136,18 @@ class Settings:
                 f"DB_COMMAND_TIMEOUT={self.command_timeout:g}s must be longer than "
                 f"DB_STATEMENT_TIMEOUT={self.statement_timeout:g}s, so that PostgreSQL cancels a "
                 "slow statement before SPARC has to cut its connection"
+            )
+        if self.smtp_url is not None:
+            check_smtp_url(self.smtp_url)
+        if "@" not in parseaddr(self.mail_from)[1]:
+            raise SettingsError(
+                f"SPARC_MAIL_FROM={self.mail_from!r} is not an address "
+                "(e.g. sparc@example.org or 'SPARC <sparc@example.org>')"
+            )
+        public = urlsplit(self.public_url)
+        if public.scheme not in ("http", "https") or not public.netloc:
+            raise SettingsError(
+                f"SPARC_PUBLIC_URL={self.public_url!r} must be an http:// or https:// URL"
             )
         if self.pool_min_size > self.pool_max_size:
             raise SettingsError(
@@ -147,6 +171,13 @@ class Settings:
         if self.database_url is None:
             return "embedded PostgreSQL in " + str(self.data_dir)
         return mask_password(self.database_url)
+
+    @property
+    def masked_smtp_url(self) -> str:
+        """SPARC_SMTP_URL with its password replaced, fit for logs and error messages."""
+        if self.smtp_url is None:
+            return "no SMTP server: mail goes to " + str(self.data_dir / "mail")
+        return mask_password(self.smtp_url)
 
     def with_database_url(self, url: str) -> Settings:
         """A copy of these settings pointing at `url` (used once the embedded server is up)."""
@@ -195,6 +226,21 @@ def check_database_url(url: str, *, variable: str) -> None:
         raise SettingsError(f"{variable}={shown!r} names no database (postgresql://host/DBNAME)")
 
 
+def check_smtp_url(url: str) -> None:
+    shown = mask_password(url) if "://" in url else "***"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise SettingsError(f"SPARC_SMTP_URL={shown!r} is not a valid URL: {exc}") from None
+    if parts.scheme not in SMTP_URL_SCHEMES:
+        raise SettingsError(f"SPARC_SMTP_URL={shown!r} must start with smtp:// or smtps://")
+    if not parts.hostname:
+        raise SettingsError(f"SPARC_SMTP_URL={shown!r} names no host (smtp://host:587)")
+    if port == 0:
+        raise SettingsError(f"SPARC_SMTP_URL={shown!r} has port 0")
+
+
 def load_settings(
     environ: Mapping[str, str] | None = None, *, read_dotenv: bool = True
 ) -> Settings:
@@ -207,9 +253,9 @@ def load_settings(
         if read_dotenv:
             # Values already in the process environment win over the file.
             env.read_env(str(Path.cwd() / ".env"), recurse=False)
-        reader = _Reader(lambda name: env.str(name, None))
+        reader = Reader(lambda name: env.str(name, None))
     else:
-        reader = _Reader(environ.get)
+        reader = Reader(environ.get)
     pgbouncer = reader.boolean("DB_PGBOUNCER", False)
     return Settings(
         database_url=reader.optional_str("DATABASE_URL"),
@@ -256,6 +302,16 @@ def load_settings(
         argon2_parallelism=reader.integer("SPARC_ARGON2_PARALLELISM", 1, minimum=1),
         audit_retention=reader.seconds("SPARC_AUDIT_RETENTION", 365 * 86400.0, allow_zero=False),
         purge_interval=reader.seconds("SPARC_PURGE_INTERVAL", 600.0, allow_zero=False),
+        password_reset_ip_max=reader.integer("SPARC_PASSWORD_RESET_IP_MAX", 20, minimum=1),
+        smtp_url=reader.optional_str("SPARC_SMTP_URL"),
+        mail_from=reader.optional_str("SPARC_MAIL_FROM") or DEFAULT_MAIL_FROM,
+        smtp_timeout=reader.seconds("SPARC_SMTP_TIMEOUT", 10.0, allow_zero=False),
+        mail_templates=reader.directory("SPARC_MAIL_TEMPLATES"),
+        public_url=(reader.optional_str("SPARC_PUBLIC_URL") or DEFAULT_PUBLIC_URL).rstrip("/"),
+        password_reset_ttl=reader.seconds("SPARC_PASSWORD_RESET_TTL", 3600.0, allow_zero=False),
+        email_verify_ttl=reader.seconds("SPARC_EMAIL_VERIFY_TTL", 86400.0, allow_zero=False),
+        require_verified_email=reader.boolean("SPARC_REQUIRE_VERIFIED_EMAIL", False),
+        mail_retry_delay=reader.seconds("SPARC_MAIL_RETRY_DELAY", 60.0, allow_zero=False),
     )
 
 
@@ -269,102 +325,3 @@ def metrics_directory(environ: Mapping[str, str] | None = None) -> str | None:
     """The directory the workers share their metrics through, or None for a single process."""
     environ = os.environ if environ is None else environ
     return environ.get(METRICS_DIRECTORY_VARIABLE) or None
-
-
-class _Reader:
-    """Turns raw strings into typed values, each failure a SettingsError naming the variable.
-
-    Hand-written, not environs' Env.int/bool/path/timedelta: those read only the process
-    environment (load_settings also takes a plain mapping), leave the value out of their
-    messages, refuse a blank value instead of taking the default, and differ on what they
-    accept (booleans' letter case, `~` in paths, "2 H", negative durations).
-    """
-
-    def __init__(self, lookup: Callable[[str], str | None]) -> None:
-        self._lookup = lookup
-
-    def _raw(self, name: str) -> str | None:
-        value = self._lookup(name)
-        if value is None or value.strip() == "":
-            return None
-        return value.strip()
-
-    def optional_str(self, name: str) -> str | None:
-        return self._raw(name)
-
-    def integer(self, name: str, default: int, *, minimum: int) -> int:
-        raw = self._raw(name)
-        if raw is None:
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            raise SettingsError(f"{name}={raw!r} is not a whole number") from None
-        if value < minimum:
-            raise SettingsError(f"{name}={raw!r} must be at least {minimum}")
-        return value
-
-    def seconds(self, name: str, default: float, *, allow_zero: bool) -> float:
-        """A duration: plain seconds ("30", "0.5") or with a unit ("250ms", "15m", "12h", "1d")."""
-        raw = self._raw(name)
-        if raw is None:
-            return default
-        match = _DURATION.match(raw.lower())
-        bound = "0 or more" if allow_zero else "more than 0"
-        if match is None:
-            raise SettingsError(
-                f"{name}={raw!r} is not a duration: give seconds, {bound} "
-                "(e.g. 30, 250ms, 15m, 12h)"
-            )
-        value = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-        if not math.isfinite(value) or (value == 0 and not allow_zero):
-            raise SettingsError(f"{name}={raw!r} must be a duration {bound}")
-        return value
-
-    def optional_seconds(self, name: str) -> float | None:
-        """A duration more than 0, or None when the variable is unset."""
-        if self._raw(name) is None:
-            return None
-        return self.seconds(name, 0.0, allow_zero=False)
-
-    def networks(self, name: str) -> tuple[IPNetwork, ...]:
-        """Comma-separated addresses and CIDR ranges ("10.0.0.0/8, 192.0.2.7, ::1")."""
-        raw = self._raw(name)
-        if raw is None:
-            return ()
-        networks = []
-        for entry in raw.split(","):
-            text = entry.strip()
-            if not text:
-                continue
-            try:
-                networks.append(ipaddress.ip_network(text, strict=False))
-            except ValueError:
-                raise SettingsError(
-                    f"{name}={raw!r}: {text!r} is not an IP address or CIDR range"
-                ) from None
-        return tuple(networks)
-
-    def choice(self, name: str, choices: tuple[_Choice, ...], default: _Choice) -> _Choice:
-        raw = self._raw(name)
-        if raw is None:
-            return default
-        for choice in choices:
-            if raw.lower() == choice:
-                return choice
-        raise SettingsError(f"{name}={raw!r} is not one of: {', '.join(choices)}")
-
-    def boolean(self, name: str, default: bool) -> bool:
-        raw = self._raw(name)
-        if raw is None:
-            return default
-        value = _BOOLEANS.get(raw.lower())
-        if value is None:
-            raise SettingsError(f"{name}={raw!r} is not a boolean: use true or false")
-        return value
-
-    def path(self, name: str, default: Path) -> Path:
-        raw = self._raw(name)
-        if raw is None:
-            return default
-        return Path(raw).expanduser()

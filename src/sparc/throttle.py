@@ -7,8 +7,9 @@ them is locked:
 - per account across all addresses, locked after SPARC_LOGIN_ACCOUNT_MAX_FAILURES: slows
   guessing spread over many addresses, far above what a few requests can reach;
 - per client address across accounts, locked after SPARC_LOGIN_IP_MAX_FAILURES: a spray.
-Registrations are counted per client address (SPARC_REGISTRATION_IP_MAX). A lock lasts one
-window, doubling with each repeated lockout of the same row.
+Registrations are counted per client address (SPARC_REGISTRATION_IP_MAX), and so are password
+reset requests (SPARC_PASSWORD_RESET_IP_MAX). A lock lasts one window, doubling with each
+repeated lockout of the same row.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ def registration_key(ip: str | None) -> str | None:
     return f"register:{ip}" if ip else None
 
 
+def password_reset_key(ip: str | None) -> str | None:
+    return f"reset:{ip}" if ip else None
+
+
 class LoginThrottle:
     """The limits, and the queries that count against them and look them up."""
 
@@ -51,11 +56,13 @@ class LoginThrottle:
         window: float,
         account_max_failures: int = 100,
         registration_ip_max: int = 20,
+        password_reset_ip_max: int = 20,
     ) -> None:
         self.max_failures = max_failures
         self.account_max_failures = account_max_failures
         self.ip_max_failures = ip_max_failures
         self.registration_ip_max = registration_ip_max
+        self.password_reset_ip_max = password_reset_ip_max
         self.window = timedelta(seconds=window)
 
     def _login_keys(self, email: str, ip: str | None) -> list[tuple[str, int]]:
@@ -92,6 +99,24 @@ class LoginThrottle:
         key = registration_key(ip)
         if key is not None:
             await self._count(key, self.registration_ip_max)
+
+    async def password_reset_retry_after(self, ip: str | None) -> int | None:
+        """Seconds until `ip` may ask for a password reset again; None if it may now."""
+        key = password_reset_key(ip)
+        return None if key is None else await _retry_after([key])
+
+    async def record_password_reset(self, ip: str | None) -> None:
+        key = password_reset_key(ip)
+        if key is not None:
+            await self._count(key, self.password_reset_ip_max)
+
+    async def forget_account(self, email: str) -> None:
+        """A password reset clears the account's lockouts: its own, and that email's from
+        every address (not the addresses' own, which are about the address)."""
+        await get_db_client().execute(
+            "DELETE FROM login_throttles WHERE key = :account OR starts_with(key, :logins)",
+            {"account": account_key(email), "logins": login_key(email, None)},
+        )
 
     async def _count(self, key: str, limit: int) -> None:
         """One more against `key`; at `limit` within the window, lock it."""
