@@ -7,6 +7,7 @@ then nginx in front. The tests run in file order; the rolling restart comes last
 
 from __future__ import annotations
 
+import collections
 import re
 import uuid
 from collections.abc import Iterator
@@ -161,8 +162,15 @@ async def test_a_rolling_restart_under_steady_load_fails_no_request(
             f"{len(tally.failures)} failed; nginx passed {len(passed_on)} on to the other "
             "instance after a refused connection"
         )
-    assert tally.failures == []
+    assert tally.failures == [], failure_report(tally, topology.nginx)
     assert passed_on, "no request met a stopped instance: the restart was not under load"
+
+
+def failure_report(tally: Tally, nginx: Nginx) -> str:
+    """The kinds of failure and how often each came, and what nginx logged about them."""
+    kinds = collections.Counter(failure[:120] for failure in tally.failures)
+    logged = [line for line in nginx.error_log.read_text().splitlines() if "upstream" in line]
+    return "\n".join([*(f"{count} x {kind}" for kind, count in kinds.most_common()), *logged[-20:]])
 
 
 async def restart(instance: Instance, nginx: Nginx) -> None:

@@ -260,6 +260,8 @@ def nginx_executable() -> str:
 
 def _main_config(directory: Path) -> str:
     """The nginx.conf around the site: runs in the foreground, everything under `directory`."""
+    # Two workers, as Debian's `worker_processes auto` runs on two cores: each has connections
+    # of its own, and without the site's upstream `zone`, its own view of which instances are up.
     lines = ["daemon off;", "worker_processes 2;", f"pid {directory}/nginx.pid;"]
     lines.append(f"error_log {directory}/error.log notice;")
     if os.geteuid() == 0:  # workers drop to an unprivileged user, as Debian's www-data
