@@ -202,6 +202,14 @@ def exec_start(unit: str, instance: str = "") -> list[str]:
     return [installed_sparc(), *arguments]
 
 
+def run_migrate_unit(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """deploy/systemd/sparc-migrate.service's ExecStart, run to its end with `env`."""
+    unit = (DEPLOY / "systemd" / "sparc-migrate.service").read_text()
+    return subprocess.run(
+        exec_start(unit), env=env, cwd=cwd, capture_output=True, text=True, timeout=330
+    )
+
+
 def instances(bouncer: DeployedPgBouncer, count: int, directory: Path) -> list[Instance]:
     """`count` instances as sparc@.service starts them, each on a port of its own, DATABASE_URL
     pointing at `bouncer`."""
