@@ -52,8 +52,8 @@ def deployed(relative: str, replacements: Mapping[str, str]) -> str:
 
 
 def private_directory(stack: contextlib.ExitStack, prefix: str) -> Path:
-    """A directory the unprivileged users nginx's workers and PgBouncer run as (as root) can
-    reach: pytest's own are private to root."""
+    """A directory that the unprivileged users PgBouncer and nginx's workers run as (when the
+    tests run as root) can reach: pytest's own are private to root."""
     path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
     path.chmod(0o755)
     return path
