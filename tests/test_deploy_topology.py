@@ -135,9 +135,10 @@ async def test_a_rolling_restart_under_steady_load_fails_no_request(
             turn = 0
             while not stop_load.is_set():
                 turn += 1
-                method = "POST /auth/login" if turn % LOGIN_EVERY == 0 else "GET /auth/me"
+                logs_in = turn % LOGIN_EVERY == 0
+                method = "POST /auth/login" if logs_in else "GET /auth/me"
                 try:
-                    if turn % LOGIN_EVERY == 0:
+                    if logs_in:
                         answer = await http.post("/auth/login", json=credentials)
                     else:
                         answer = await http.get("/auth/me", headers=token)
@@ -168,8 +169,8 @@ async def test_a_rolling_restart_under_steady_load_fails_no_request(
     with capsys.disabled():
         print(
             f"\nrolling restart of 2 instances behind nginx: {tally.requests} requests, "
-            f"{len(tally.failures)} failed; nginx passed {len(passed_on)} on to the other "
-            "instance after a refused connection"
+            f"{len(tally.failures)} failed; nginx passed {len(passed_on)} on from a stopped "
+            "instance to the other"
         )
     assert tally.failures == [], failure_report(tally, topology.nginx)
     assert passed_on, "no request met a stopped instance: the restart was not under load"
