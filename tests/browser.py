@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
-
-from tests.processes import missing_program
+from tests.programs import debian_program
 
 # CI installs chromium and sets this, so a missing browser fails there instead of skipping.
 REQUIRE_VARIABLE = "SPARC_REQUIRE_BROWSER"
@@ -15,13 +13,4 @@ def chromium_executable() -> str:
 
     Playwright is given this executable: its own browser downloads are not used.
     """
-    found = next(
-        (path for name in ("chromium", "chromium-browser") if (path := shutil.which(name))),
-        None,
-    )
-    if found is None:
-        missing_program(
-            "chromium is not installed (Debian: apt-get install chromium)",
-            required_by=REQUIRE_VARIABLE,
-        )
-    return found
+    return debian_program("chromium", package="chromium", require_variable=REQUIRE_VARIABLE)

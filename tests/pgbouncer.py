@@ -5,17 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
-import shutil
-import socket
-import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
-from tests.processes import free_port, missing_program
+from tests.processes import free_port
+from tests.programs import debian_program, running_program
 
 # CI installs pgbouncer and sets this, so a missing binary fails there instead of skipping.
 REQUIRE_VARIABLE = "SPARC_REQUIRE_PGBOUNCER"
@@ -34,19 +31,11 @@ class PgBouncer:
         return urlunsplit(("postgresql", f"{user}@127.0.0.1:{self.port}", parts.path, "", ""))
 
 
-def _executable() -> str:
-    # Debian installs it in /usr/sbin, which a non-root PATH often lacks.
-    candidates = (shutil.which("pgbouncer"), "/usr/sbin/pgbouncer", "/usr/bin/pgbouncer")
-    found = next((path for path in candidates if path and os.access(path, os.X_OK)), None)
-    if found is None:
-        missing_program(
-            "pgbouncer is not installed (Debian: apt-get install pgbouncer)",
-            required_by=REQUIRE_VARIABLE,
-        )
-    return found
+def pgbouncer_executable() -> str:
+    return debian_program("pgbouncer", package="pgbouncer", require_variable=REQUIRE_VARIABLE)
 
 
-def _run_as(socket_dir: str | None) -> str | None:
+def run_as_user(socket_dir: str | None) -> str | None:
     """PgBouncer refuses to run as root: as root, name a user it can switch to.
 
     That user must reach the server: for a Unix socket, the owner of the socket's directory.
@@ -66,7 +55,7 @@ def running_pgbouncer(
 ) -> Iterator[PgBouncer]:
     """Start PgBouncer (transaction mode, `pool_size` server connections per database);
     `options` are further pgbouncer.ini settings."""
-    executable = _executable()
+    executable = pgbouncer_executable()
     # Not under pytest's tmp_path: as root, PgBouncer runs as another user, who must be able
     # to reach its files, and pytest's directories are private to root.
     with tempfile.TemporaryDirectory(prefix="sparc-pgbouncer-") as name:
@@ -80,14 +69,12 @@ def _run(
     pool_size: int,
     options: dict[str, str | int],
 ) -> Iterator[PgBouncer]:
-    server = urlsplit(server_url)
-    socket_dir = parse_qs(server.query).get("host", [None])[0]
-    host = socket_dir or server.hostname or "127.0.0.1"
-    user = server.username or "postgres"
+    host, server_port, socket_dir = server_address(server_url)
+    user = urlsplit(server_url).username or "postgres"
     port = free_port()
     log = directory / "pgbouncer.log"
     (directory / "users.txt").write_text(f'"{user}" ""\n')
-    run_as = _run_as(socket_dir)
+    run_as = run_as_user(socket_dir)
     settings: dict[str, object] = {
         "listen_addr": "127.0.0.1",
         "listen_port": port,
@@ -103,40 +90,30 @@ def _run(
     settings.update(options)
     if run_as is not None:
         settings["user"] = run_as
-    lines = ["[databases]", f"* = host={host} port={server.port or 5432}", "[pgbouncer]"]
+    lines = ["[databases]", f"* = host={host} port={server_port}", "[pgbouncer]"]
     lines += [f"{key} = {value}" for key, value in settings.items()]
     config = directory / "pgbouncer.ini"
     config.write_text("\n".join(lines) + "\n")
+    with started(executable, config, port=port, log=log, run_as=run_as):
+        yield PgBouncer(port=port, pool_size=pool_size, log=log)
+
+
+def server_address(server_url: str) -> tuple[str, int, str | None]:
+    """Where PgBouncer finds the server of `server_url`: host (or socket directory), port, and
+    the socket directory if it is one."""
+    server = urlsplit(server_url)
+    socket_dir = parse_qs(server.query).get("host", [None])[0]
+    return socket_dir or server.hostname or "127.0.0.1", server.port or 5432, socket_dir
+
+
+@contextlib.contextmanager
+def started(
+    executable: str, config: Path, *, port: int, log: Path, run_as: str | None
+) -> Iterator[None]:
+    """Run PgBouncer with `config` (its files beside it) until the block ends."""
     if run_as is not None:
         entry = pwd.getpwnam(run_as)
-        for path in (directory, *directory.iterdir()):
+        for path in (config.parent, *config.parent.iterdir()):
             os.chown(path, entry.pw_uid, entry.pw_gid)
-    process = subprocess.Popen(
-        [executable, str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        _wait_until_listening(process, port, log)
-        yield PgBouncer(port=port, pool_size=pool_size, log=log)
-    finally:
-        process.terminate()
-        try:
-            process.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
-
-
-def _wait_until_listening(process: subprocess.Popen[str], port: int, log: Path) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            _, stderr = process.communicate()
-            shown = log.read_text() if log.exists() else ""
-            raise AssertionError(f"pgbouncer exited with {process.returncode}: {stderr}{shown}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return
-        time.sleep(0.02)
-    raise AssertionError("pgbouncer did not start listening within 10 s")
+    with running_program([executable, str(config)], port=port, log=log, within=10):
+        yield

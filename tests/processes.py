@@ -10,11 +10,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn
 
 import httpx
 import psutil
-import pytest
 
 # What starts a record in SPARC's log format (sparc.logs): a level, a colon, the padding. A line
 # that does not is part of a record's traceback, indented.
@@ -26,14 +24,6 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
-
-
-def missing_program(message: str, *, required_by: str) -> NoReturn:
-    """Skip the test for a program that is not installed, or fail it when the environment
-    variable `required_by` is set (CI installs the program and sets it)."""
-    if os.environ.get(required_by):
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def sparc_env(**overrides: str) -> dict[str, str]:

@@ -245,6 +245,8 @@ def _check_schema(settings: Settings, revision: str | None) -> None:
 def _serve(settings: Settings, *, host: str, port: int, workers: int) -> int:
     import uvicorn
 
+    from sparc.draining import DrainingHttpToolsProtocol
+
     # Workers build their app from the environment: point them at the resolved database.
     assert settings.database_url is not None
     os.environ["DATABASE_URL"] = settings.database_url
@@ -266,6 +268,9 @@ def _serve(settings: Settings, *, host: str, port: int, workers: int) -> int:
             # characters escaped.
             log_config=logging_config(logging.INFO),
             proxy_headers=False,
+            # At shutdown, keep-alive connections close after an answer or by their client,
+            # never under a request a proxy is sending (see sparc.draining).
+            http=DrainingHttpToolsProtocol,
             # On SIGTERM: stop accepting, let in-flight requests finish for this long, then
             # cancel them (their transactions roll back) and close the pool. uvicorn types it
             # int, but any number of seconds works.
