@@ -10,7 +10,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 
-from sparc import audit, auth, health, identity, metrics, openapi, retention, sessions
+from sparc import admin, audit, auth, health, identity, metrics, openapi, retention, sessions
 from sparc.database import DatabaseClient, DatabaseMiddleware
 from sparc.embedded import database_settings_async
 from sparc.headers import answer_headers
@@ -59,6 +59,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             *health.routes,
             *sessions.routes,
             *audit.routes,
+            *admin.routes,
             *openapi.routes,
             *metrics.routes,
         ],
