@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
+import anyio
 import asyncpg
 import httpx
 import pytest
@@ -105,6 +106,20 @@ async def test_a_disable_until_a_time_past_lets_the_account_log_in_again(
     assert shown.json()["disabled"] is False
 
 
+async def test_concurrent_logins_of_one_account_all_succeed(http: httpx.AsyncClient) -> None:
+    # Each login locks the account's row at its end (last_login_at): they queue, never deadlock.
+    await register(http, "busy@example.org")
+    statuses: list[int] = []
+
+    async def one_login() -> None:
+        statuses.append((await login(http, "busy@example.org")).status_code)
+
+    async with anyio.create_task_group() as group:
+        for _ in range(8):
+            group.start_soon(one_login)
+    assert statuses == [200] * 8
+
+
 @pytest.mark.parametrize(
     ("until", "message"),
     [
@@ -140,8 +155,9 @@ async def test_non_admins_get_403_and_callers_without_a_token_401_everywhere_und
     ]
     for method, path in calls:
         assert_problem(await http.request(method, path, headers=bearer(plain)), 403)
-        anonymous = assert_problem(await http.request(method, path), 401)
-        assert anonymous["status"] == 401
+        anonymous = await http.request(method, path)
+        assert_problem(anonymous, 401)
+        assert anonymous.headers["WWW-Authenticate"] == "Bearer"
     assert (await login(http, "other@example.org")).status_code == 200
     assert await admin.fetchval("SELECT count(*) FROM auth_events WHERE actor_id IS NOT NULL") == 0
 

@@ -104,7 +104,8 @@ async def create_account(email: str, password_hash: str, *, is_admin: bool = Fal
     )
 
 
-async def created_by_operator(user_id: uuid.UUID, actor: Actor) -> None:
+async def record_creation(user_id: uuid.UUID, actor: Actor) -> None:
+    """The audit event of an account an operator or admin created (not a registration)."""
     await _record("admin_user_created", actor, user_id=user_id)
 
 
@@ -189,8 +190,8 @@ async def _revoke_all(user_id: uuid.UUID) -> int:
 async def disable(user_id: uuid.UUID, actor: Actor, *, until: datetime | None = None) -> int | None:
     """Disable the account (until `until`, or until enabled) and revoke every session of it in
     the same transaction; the sessions revoked, or None for no such account."""
-    # The UPDATE first: it waits for a login holding the row (FOR SHARE), so the DELETE after it
-    # sees that login's session too.
+    # The UPDATE first: it waits for a login that has locked the row (sparc.auth.login), so the
+    # DELETE after it sees that login's session too.
     found = await get_db_client().fetch_val(
         "UPDATE users SET disabled_at = now(), disabled_until = :until WHERE id = :id RETURNING id",
         {"id": user_id, "until": until},

@@ -108,13 +108,9 @@ async def disable_user(request: Request) -> Response:
     until = None
     raw_until = body.get("until")
     if raw_until is not None:
-        if not isinstance(raw_until, str):
-            raise Problem(
-                422,
-                "The request body has invalid fields.",
-                errors=[{"field": "until", "message": "must be a string (ISO 8601) or null"}],
-            )
         try:
+            if not isinstance(raw_until, str):
+                raise ValueError("must be a string (ISO 8601) or null")
             until = accounts.parse_until(raw_until)
         except ValueError as exc:
             raise Problem(

@@ -39,6 +39,8 @@ DATABASE_FAILED = 1
 BAD_INPUT = 2
 NO_SUCH_ACCOUNT = 3
 ACCOUNT_EXISTS = 4
+# Stopped by SIGINT or SIGTERM: the transaction rolled back.
+INTERRUPTED = 130
 
 # `--until` also takes a span from now: 30m, 12h, 7d.
 _SPAN = re.compile(r"^([0-9]{1,6})([mhd])$")
@@ -61,7 +63,7 @@ def add_parser(commands: Any) -> None:
         description="Act on accounts from the host, with the admin API's rules. Exit codes: "
         f"{DONE} done, {DATABASE_FAILED} database unreachable or not migrated, {BAD_INPUT} bad "
         f"arguments or input, {NO_SUCH_ACCOUNT} no account with that email, {ACCOUNT_EXISTS} "
-        "the email is taken.",
+        f"the email is taken, {INTERRUPTED} interrupted (nothing kept).",
     )
     actions = users.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create", help="create an account (the first admin: --admin)")
@@ -98,7 +100,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         password = _password(args) if args.action == "create" else None
         output = asyncio.run(_run(args, settings, until=until, password=password))
     except KeyboardInterrupt:
-        return 130
+        return INTERRUPTED
     except UsersCommandError as exc:
         print(f"sparc: users {args.action}: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -176,7 +178,7 @@ async def _create(
     row = await accounts.create_account(email, password_hash, is_admin=args.admin)
     if row is None:
         raise UsersCommandError(f"an account with the email {email!r} exists", ACCOUNT_EXISTS)
-    await accounts.created_by_operator(row["id"], accounts.CLI)
+    await accounts.record_creation(row["id"], accounts.CLI)
     return f"created {'admin ' if args.admin else ''}{row['email']} ({row['id']})"
 
 

@@ -117,13 +117,8 @@ async def login(request: Request) -> Response:
             await audit.record("login_throttled", request, email=email)
             db.keep_writes()
             raise _throttled(retry_after)
-        # FOR SHARE: disabling the account waits for this login to end, then revokes the
-        # session it made; a login after the disable sees the account disabled.
         user = await db.fetch_one(
-            f"""
-            SELECT id, password_hash, {disabled_now()} AS disabled FROM users
-            WHERE lower(email) = lower(:email) FOR SHARE
-            """,
+            "SELECT id, password_hash FROM users WHERE lower(email) = lower(:email)",
             {"email": email},
         )
         # Unknown email and wrong password cost the same work and get the same answer.
@@ -145,19 +140,23 @@ async def login(request: Request) -> Response:
         raise Problem(401, "The email or password is wrong.", headers=BEARER_CHALLENGE)
 
     await throttle.forget_failures(email, ip)
-    if user["disabled"]:
+    # The row lock this takes orders the login against a disable: one waiting for the other, a
+    # login either sees the account disabled here or commits its session before the disable
+    # revokes every session of the account. Logins do not lock the row while they hash.
+    enabled = await db.fetch_val(
+        f"""
+        UPDATE users SET last_login_at = now(),
+                         password_hash = coalesce(:password_hash, password_hash)
+        WHERE id = :id AND NOT {disabled_now()}
+        RETURNING id
+        """,
+        {"password_hash": rehashed, "id": user["id"]},
+    )
+    if enabled is None:
         # Only to the right password: a guesser gets the 401 above, disabled or not.
         await audit.record("login_refused_disabled", request, user_id=user["id"])
         db.keep_writes()
         raise Problem(403, "This account is disabled.", title="Account disabled")
-    await db.execute(
-        """
-        UPDATE users SET last_login_at = now(),
-                         password_hash = coalesce(:password_hash, password_hash)
-        WHERE id = :id
-        """,
-        {"password_hash": rehashed, "id": user["id"]},
-    )
     token, token_hash = new_token()
     expires_at = await db.fetch_val(
         """

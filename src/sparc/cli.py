@@ -10,7 +10,6 @@ import logging
 import logging.config
 import os
 import signal
-import socket
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -161,8 +160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _loadtest(args, settings)
     try:
         if args.command == "users":
-            with _stop_on_signals():
-                return admin_cli.run(args, settings)
+            try:
+                with _stop_on_signals():
+                    return admin_cli.run(args, settings)
+            except _Stop:
+                return admin_cli.INTERRUPTED  # rolled back: nothing of it was kept
         if args.command == "purge":
             with _stop_on_signals(), database_settings(settings) as settings:
                 return _purge(settings)
@@ -260,6 +262,8 @@ def _check_schema(settings: Settings, revision: str | None) -> None:
 def _serve(settings: Settings, *, host: str, port: int, workers: int) -> int:
     import uvicorn
 
+    from sparc.readiness import announcing_server
+
     # Workers build their app from the environment: point them at the resolved database.
     assert settings.database_url is not None
     os.environ["DATABASE_URL"] = settings.database_url
@@ -287,34 +291,11 @@ def _serve(settings: Settings, *, host: str, port: int, workers: int) -> int:
             timeout_graceful_shutdown=cast(int, settings.shutdown_grace),
         )
         if workers == 1:
-            server = _announcing_server(config)
+            server = announcing_server(config)
             server.run()
             return 0 if server.started else STARTUP_FAILURE
         _supervisor(config).run()
     return 0
-
-
-def _address(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def _announce_ready(address: str) -> None:
-    logger.info("SPARC ready at %s", address)
-
-
-def _announcing_server(config: uvicorn.Config) -> uvicorn.Server:
-    """uvicorn's server, logging the address to open once the app has started and listens (the
-    port it got, with --port 0)."""
-    import uvicorn
-
-    class AnnouncingServer(uvicorn.Server):
-        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-            await super().startup(sockets)
-            if self.servers and self.servers[0].sockets:
-                port = self.servers[0].sockets[0].getsockname()[1]
-                _announce_ready(_address(config.host, port))
-
-    return AnnouncingServer(config)
 
 
 def _supervisor(config: uvicorn.Config) -> Multiprocess:
@@ -325,6 +306,8 @@ def _supervisor(config: uvicorn.Config) -> Multiprocess:
     the parent and every worker have closed their copy, new connections are refused at once.
     """
     from uvicorn.supervisors import Multiprocess
+
+    from sparc import readiness
 
     bound = config.bind_socket()
     port = bound.getsockname()[1]
@@ -339,22 +322,11 @@ def _supervisor(config: uvicorn.Config) -> Multiprocess:
 
         def keep_subprocess_alive(self) -> None:
             super().keep_subprocess_alive()
-            if not self.announced and _listening(config.host, port):
+            if not self.announced and readiness.listening(config.host, port):
                 self.announced = True
-                _announce_ready(_address(config.host, port))
+                readiness.announce_ready(config.host, port)
 
     return Supervisor(config, sockets=[bound])
-
-
-def _listening(host: str, port: int) -> bool:
-    """True once a worker listens on the shared socket: it does so after its app has started.
-
-    A bare connection, closed unsent: a request would show in the logs and metrics."""
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def _loadtest(args: argparse.Namespace, settings: Settings) -> int:
