@@ -88,13 +88,19 @@ def start_sparc(*args: str, env: dict[str, str], cwd: Path) -> subprocess.Popen[
 
 
 def run_sparc(
-    *args: str, env: dict[str, str], cwd: Path | None = None, timeout: float = 120
+    *args: str,
+    env: dict[str, str],
+    cwd: Path | None = None,
+    timeout: float = 120,
+    stdin: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a `sparc` command to its end; its exit code and output."""
+    """Run a `sparc` command to its end, `stdin` its input (none: an empty one); its exit code
+    and output."""
     return subprocess.run(
         [sys.executable, "-m", "sparc", *args],
         env=env,
         cwd=cwd,
+        input=stdin or "",
         capture_output=True,
         text=True,
         timeout=timeout,

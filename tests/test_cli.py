@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from tests.processes import (
     run_sparc,
     sparc_env,
     start_serve,
+    start_sparc,
     stop,
 )
 
@@ -259,6 +261,46 @@ def test_the_budget_check_can_be_turned_off(cli_database: str, tmp_path: Path) -
     process, base = start_serve(env, "--workers", "2", cwd=tmp_path)
     try:
         assert poll(f"{base}/readyz", process=process).json()["connection_bound"] == 120
+    finally:
+        code, stderr = stop(process)
+    assert code == 0, stderr
+
+
+def test_version_comes_from_the_package_metadata() -> None:
+    import importlib.metadata
+
+    result = run_sparc("--version", env=sparc_env())
+    assert result.returncode == 0
+    assert result.stdout == f"sparc {importlib.metadata.version('sparc')}\n"
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_on_port_0_binds_a_free_port_and_logs_the_address_once_ready(
+    cli_database: str, tmp_path: Path, workers: str
+) -> None:
+    process = start_sparc(
+        "serve",
+        "--port",
+        "0",
+        "--workers",
+        workers,
+        env=sparc_env(DATABASE_URL=cli_database),
+        cwd=tmp_path,
+    )
+    try:
+        assert process.stderr is not None
+        deadline = time.monotonic() + 60
+        for line in process.stderr:  # the log, line by line, until the ready line
+            if "SPARC ready at " in line:
+                address = line.split("SPARC ready at ", 1)[1].strip()
+                break
+            assert time.monotonic() < deadline and process.poll() is None, line
+        else:
+            raise AssertionError("sparc serve never logged its address")
+        assert re.fullmatch(r"http://127\.0\.0\.1:[0-9]+", address)
+        assert not address.endswith(":0")
+        # Ready means ready: the address answers at once.
+        assert httpx.get(f"{address}/readyz").json()["status"] == "ready"
     finally:
         code, stderr = stop(process)
     assert code == 0, stderr

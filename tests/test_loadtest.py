@@ -10,10 +10,11 @@ from pathlib import Path
 
 import anyio
 import asyncpg
+import httpx
 import pytest
 
 from tests.conftest import asyncpg_dsn
-from tests.processes import poll, sparc_env, start_serve, stop
+from tests.processes import poll, run_sparc, sparc_env, start_serve, stop
 
 REPORT_KEYS = {
     "url",
@@ -142,13 +143,34 @@ def test_unusable_targets_fail_with_one_line(
     assert "Traceback" not in result.stderr
 
 
-def test_loadtest_needs_the_database() -> None:
+def test_loadtest_needs_the_database_when_no_embedded_postgresql_runs(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "sparc", "loadtest", "--url", "http://127.0.0.1:9"],
-        env=sparc_env(),
+        env=sparc_env(SPARC_DATA_DIR=str(tmp_path / "nothing-runs-here")),
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 2
+    assert "no embedded PostgreSQL runs in" in result.stderr
     assert "--database-url" in result.stderr
+    assert not (tmp_path / "nothing-runs-here" / "postgres").exists()  # none was started
+
+
+def test_loadtest_of_the_quick_start_joins_its_embedded_postgresql(tmp_path: Path) -> None:
+    # The quick start: `sparc serve` with no DATABASE_URL; the load test is given only its URL.
+    env = sparc_env(SPARC_DATA_DIR=str(tmp_path / "data"), DB_POOL_MAX_SIZE="3")
+    process, base = start_serve(env, cwd=tmp_path)
+    try:
+        poll(f"{base}/readyz", process=process)
+        args = ("--url", base, "--concurrency", "10", "--duration", "1", "--json")
+        result = run_sparc("loadtest", *args, env=env, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["passed"] and report["requests"] > 0
+        # It counted the service's own connections on the embedded server.
+        assert 1 <= report["peak_connections"] <= report["connection_bound"] == 3
+        assert httpx.get(f"{base}/readyz").status_code == 200  # and left it running
+    finally:
+        code, stderr = stop(process)
+    assert code == 0, stderr

@@ -35,6 +35,14 @@ TABLES_AFTER = {
         "mail_outbox",
         "account_tokens",
     },
+    "0005": {
+        "users",
+        "sessions",
+        "login_throttles",
+        "auth_events",
+        "mail_outbox",
+        "account_tokens",
+    },
 }
 
 
@@ -74,9 +82,25 @@ async def test_upgrade_downgrade_upgrade_round_trip_with_data_in_every_table(
         token = await token_for(http, "ada@example.org")
         assert (await login(http, "ada@example.org", "wrong password")).status_code == 401
         assert (await http.get("/auth/me", headers=bearer(token))).status_code == 200
+    # What only an admin or the CLI writes: roles, a disabled account, an event naming its actor.
+    await admin.execute(
+        "UPDATE users SET is_admin = true, disabled_at = now(),"
+        " disabled_until = now() + interval '1 day'"
+    )
+    await admin.execute(
+        "INSERT INTO auth_events (type, user_id, actor_id, via)"
+        " SELECT 'admin_user_disabled', id, id, 'cli' FROM users"
+    )
     for table in await tables(database_url):
         rows = await admin.fetchval(f'SELECT count(*) FROM "{table}"')
         assert rows > 0, f"fill {table} here too, so the round trip runs with data in it"
+    for table, column in (
+        ("users", "last_login_at"),
+        ("users", "disabled_until"),
+        ("auth_events", "actor_id"),
+    ):
+        filled = await admin.fetchval(f"SELECT count({column}) FROM {table}")
+        assert filled > 0, f"fill {table}.{column} here too"
 
     await anyio.to_thread.run_sync(downgrade, database_url, "base")
     assert await tables(database_url) == set()

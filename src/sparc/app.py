@@ -12,6 +12,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 
 from sparc import (
+    admin,
     audit,
     auth,
     docs,
@@ -78,6 +79,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             *audit.routes,
             *password_reset.routes,
             *email_verification.routes,
+            *admin.routes,
             *openapi.routes,
             *metrics.routes,
             *docs.routes,

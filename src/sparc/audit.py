@@ -27,6 +27,18 @@ EVENT_TYPES = (
     "login_throttled",
     "password_reset",
     "email_verified",
+    # A disabled account's right password: refused with 403.
+    "login_refused_disabled",
+    # The account erased itself (DELETE /auth/me); kept without user, address or user agent.
+    "account_erased",
+    # What an admin (actor_id) or an operator at the CLI (via "cli") did to an account.
+    "admin_user_created",
+    "admin_user_disabled",
+    "admin_user_enabled",
+    "admin_sessions_revoked",
+    "admin_user_promoted",
+    "admin_user_demoted",
+    "admin_user_erased",
 )
 PAGE_SIZE_DEFAULT = 20
 PAGE_SIZE_MAX = 100
@@ -36,23 +48,30 @@ _NUMBER = re.compile(r"[0-9]{1,18}")
 
 async def record(
     event: str,
-    conn: HTTPConnection,
+    conn: HTTPConnection | None,
     *,
     user_id: uuid.UUID | None = None,
     email: str | None = None,
+    actor_id: uuid.UUID | None = None,
+    keep_client: bool = True,
 ) -> None:
+    """Write one event. `conn` None: it came from the CLI (no address, no user agent);
+    `keep_client=False`: the client's address and user agent are not kept (an erasure's own)."""
     assert event in EVENT_TYPES, event
+    client = conn if keep_client else None
     await get_db_client().execute(
         """
-        INSERT INTO auth_events (type, user_id, email_hash, ip, user_agent)
-        VALUES (:type, :user_id, :email_hash, CAST(:ip AS inet), :user_agent)
+        INSERT INTO auth_events (type, user_id, email_hash, ip, user_agent, actor_id, via)
+        VALUES (:type, :user_id, :email_hash, CAST(:ip AS inet), :user_agent, :actor_id, :via)
         """,
         {
             "type": event,
             "user_id": user_id,
             "email_hash": email_digest(email) if email is not None else None,
-            "ip": client_ip(conn),
-            "user_agent": client_user_agent(conn),
+            "ip": client_ip(client) if client is not None else None,
+            "user_agent": client_user_agent(client) if client is not None else None,
+            "actor_id": actor_id,
+            "via": "http" if conn is not None else "cli",
         },
     )
 

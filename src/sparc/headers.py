@@ -1,4 +1,4 @@
-"""The headers every answer carries: nosniff everywhere, no-store on what /auth/ answers."""
+"""The headers every answer carries: nosniff everywhere, no-store on /auth/ and /admin/."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ from collections.abc import Sequence
 
 # A browser must take a body as the media type it is labelled with, never sniff another.
 CONTENT_TYPE_OPTIONS = "nosniff"
-# Answers under this path carry tokens and personal data: no cache may keep them.
-NO_STORE_PREFIX = "/auth/"
+# Answers under these paths carry tokens and personal data: no cache may keep them. A tuple, as
+# str.startswith takes it.
+NO_STORE_PREFIX = ("/auth/", "/admin/")
 CACHE_CONTROL = "no-store"
 
 RawHeaders = Sequence[tuple[bytes, bytes]]

@@ -30,6 +30,15 @@ LAST_SEEN_RESOLUTION = timedelta(minutes=1)
 WRITES_REFUSED_BACKOFF = timedelta(seconds=10)
 
 
+def disabled_now(users: str = "users") -> str:
+    """SQL that is true while the row `users` of the users table is disabled: from disabled_at
+    on, until disabled_until if that is set."""
+    return (
+        f"({users}.disabled_at IS NOT NULL"
+        f" AND ({users}.disabled_until IS NULL OR {users}.disabled_until > now()))"
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class AuthenticatedUser(BaseUser):
     id: uuid.UUID
@@ -37,6 +46,7 @@ class AuthenticatedUser(BaseUser):
     created_at: datetime
     session_id: uuid.UUID
     email_verified: bool = False
+    is_admin: bool = False
 
     @property
     def is_authenticated(self) -> bool:
@@ -94,14 +104,17 @@ class BearerTokenBackend(AuthenticationBackend):
         if scheme.lower() != "bearer" or not token or " " in token or len(token) > 256:
             raise AuthenticationError("The Authorization header must be 'Bearer <token>'.")
         db = get_db_client()
+        # Disabling deletes the account's sessions; refusing disabled accounts here as well
+        # covers one disabled by hand in SQL.
         row = await db.fetch_one_before_transaction(
-            """
-            SELECT s.id AS session_id, u.id, u.email, u.created_at,
+            f"""
+            SELECT s.id AS session_id, u.id, u.email, u.created_at, u.is_admin,
                    u.email_verified_at IS NOT NULL AS email_verified,
                    s.last_seen_at < now() - CAST(:resolution AS interval) AS seen_long_ago
             FROM sessions s JOIN users u ON u.id = s.user_id
             WHERE s.token_hash = :token_hash AND s.expires_at > now()
               AND s.last_seen_at > now() - CAST(:idle_timeout AS interval)
+              AND NOT {disabled_now("u")}
             """,
             {
                 "token_hash": hash_token(token),
@@ -112,19 +125,28 @@ class BearerTokenBackend(AuthenticationBackend):
         if row is not None and row["seen_long_ago"]:
             await self._note_activity(row["session_id"])
         if row is None:
-            return None  # unknown, expired or idle: protected endpoints answer 401
+            return None  # unknown, expired, idle or disabled: protected endpoints answer 401
         user = AuthenticatedUser(
             id=row["id"],
             email=row["email"],
             created_at=row["created_at"],
             session_id=row["session_id"],
             email_verified=row["email_verified"],
+            is_admin=row["is_admin"],
         )
         return AuthCredentials(["authenticated"]), user
 
 
 def authentication_failed(conn: HTTPConnection, exc: AuthenticationError) -> Response:
     return problem_response(401, str(exc), headers=BEARER_CHALLENGE)
+
+
+def current_admin(request: Request) -> AuthenticatedUser:
+    """The caller if an admin; a 401 problem without a valid token, a 403 for anyone else."""
+    user = current_user(request)
+    if not user.is_admin:
+        raise Problem(403, "This endpoint is for admin accounts only.")
+    return user
 
 
 def current_user(request: Request) -> AuthenticatedUser:

@@ -10,6 +10,8 @@ from starlette.routing import Route
 
 from sparc import (
     __version__,
+    accounts,
+    admin,
     audit,
     auth,
     docs,
@@ -56,6 +58,17 @@ _MAILED_TOKEN = string_schema(
     description="The code from the mail (the `token` of its link).",
 )
 _GIVEN_PASSWORD = string_schema(minLength=GIVEN_PASSWORD_MIN_LENGTH, maxLength=PASSWORD_MAX_LENGTH)
+
+_ADMIN_USER_SUMMARY: dict[str, Any] = {
+    "id": string_schema(format="uuid"),
+    "email": string_schema(),
+    "created_at": _TIMESTAMP,
+    "is_admin": {"type": "boolean"},
+    "disabled": {
+        "type": "boolean",
+        "description": "Disabled now: logins answer 403 and it has no sessions.",
+    },
+}
 
 SCHEMAS: dict[str, Any] = {
     "Problem": {
@@ -113,6 +126,53 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["detail"],
         "properties": {"detail": string_schema()},
+        "additionalProperties": False,
+    },
+    "Erasure": {
+        "type": "object",
+        "required": ["password"],
+        "properties": {"password": _GIVEN_PASSWORD},
+    },
+    "Disable": {
+        "type": "object",
+        "properties": {
+            "until": {
+                "type": ["string", "null"],
+                "format": "date-time",
+                "description": "Disabled until this time (with a UTC offset, in the future); "
+                "absent or null: until enabled.",
+            }
+        },
+    },
+    "AdminUserSummary": {
+        "type": "object",
+        "required": ["id", "email", "created_at", "is_admin", "disabled"],
+        "properties": _ADMIN_USER_SUMMARY,
+        "additionalProperties": False,
+    },
+    "AdminUserPage": {
+        "type": "object",
+        "required": ["users", "next_after"],
+        "properties": {
+            "users": {"type": "array", "items": schema_ref("AdminUserSummary")},
+            "next_after": {
+                "type": ["string", "null"],
+                "description": "Pass as `after` for the next page; null on the last.",
+            },
+        },
+        "additionalProperties": False,
+    },
+    "AdminUser": {
+        "type": "object",
+        "required": [*_ADMIN_USER_SUMMARY, *accounts.DETAIL_TIMESTAMPS, "live_sessions"],
+        "properties": {
+            **_ADMIN_USER_SUMMARY,
+            **{
+                column: {"type": ["string", "null"], "format": "date-time"}
+                for column in accounts.DETAIL_TIMESTAMPS
+            },
+            "live_sessions": {"type": "integer", "minimum": 0},
+        },
         "additionalProperties": False,
     },
     "Account": {
@@ -268,6 +328,7 @@ PATHS = path_items(
     (audit.routes, audit.operations),
     (password_reset.routes, password_reset.operations),
     (email_verification.routes, email_verification.operations),
+    (admin.routes, admin.operations),
     (health.routes, health.operations),
     (metrics.routes, metrics.operations),
     (routes, operations),
@@ -301,7 +362,7 @@ DOCUMENT: dict[str, Any] = {
                 "schema": {"const": CONTENT_TYPE_OPTIONS},
             },
             "CacheControl": {
-                "description": "On every answer under /auth/: tokens and personal data.",
+                "description": "On every answer under /auth/ and /admin/ (tokens, personal data).",
                 "schema": {"const": CACHE_CONTROL},
             },
             "DocsContentSecurityPolicy": {

@@ -33,6 +33,12 @@ def login_key(email: str, ip: str | None) -> str:
     return f"login:{email_digest(email).hex()}:{ip or ''}"
 
 
+def email_keys(email: str) -> list[str]:
+    """LIKE patterns of every row keyed by `email`, whatever the address (for an erasure)."""
+    digest = email_digest(email).hex()
+    return [f"account:{digest}", f"login:{digest}:%"]
+
+
 def ip_key(ip: str | None) -> str | None:
     return f"ip:{ip}" if ip else None
 
