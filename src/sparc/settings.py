@@ -35,6 +35,11 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, No
 # release step of its own (`sparc migrate`) and `sparc serve` only checks the schema.
 MigrateMode = Literal["auto", "off"]
 MIGRATE_MODES: tuple[MigrateMode, ...] = ("auto", "off")
+# SPARC_LOG_FORMAT: lines for people, or one JSON object per line for a log pipeline.
+LogFormat = Literal["text", "json"]
+LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error", "critical")
 _Choice = TypeVar("_Choice", bound=str)
 
 
@@ -104,6 +109,11 @@ class Settings:
     audit_retention: float = 365 * 86400.0
     # How often each `sparc serve` process tries a purge; one process at a time does the work.
     purge_interval: float = 600.0
+    # One line per request (sparc.access_log).
+    access_log: bool = True
+    # None: text when stderr is a terminal, JSON otherwise (sparc.logs.resolved_log_format).
+    log_format: LogFormat | None = None
+    log_level: LogLevel = "info"
 
     def __post_init__(self) -> None:
         if self.database_url is not None:
@@ -256,6 +266,9 @@ def load_settings(
         argon2_parallelism=reader.integer("SPARC_ARGON2_PARALLELISM", 1, minimum=1),
         audit_retention=reader.seconds("SPARC_AUDIT_RETENTION", 365 * 86400.0, allow_zero=False),
         purge_interval=reader.seconds("SPARC_PURGE_INTERVAL", 600.0, allow_zero=False),
+        access_log=reader.boolean("SPARC_ACCESS_LOG", True),
+        log_format=reader.optional_choice("SPARC_LOG_FORMAT", LOG_FORMATS),
+        log_level=reader.choice("SPARC_LOG_LEVEL", LOG_LEVELS, "info"),
     )
 
 
@@ -346,9 +359,13 @@ class _Reader:
         return tuple(networks)
 
     def choice(self, name: str, choices: tuple[_Choice, ...], default: _Choice) -> _Choice:
+        chosen = self.optional_choice(name, choices)
+        return default if chosen is None else chosen
+
+    def optional_choice(self, name: str, choices: tuple[_Choice, ...]) -> _Choice | None:
         raw = self._raw(name)
         if raw is None:
-            return default
+            return None
         for choice in choices:
             if raw.lower() == choice:
                 return choice

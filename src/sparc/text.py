@@ -38,6 +38,13 @@ def escape_control_characters(text: str) -> str:
     return _UNSAFE.sub(lambda match: _escaped(match.group()), text)
 
 
+def escape_control_characters_in_json(json_text: str) -> str:
+    """JSON text with the control characters a JSON encoder leaves as they are (DEL, C1, line
+    separators, bidirectional overrides, surrogates) written as `\\uXXXX` escapes: the same
+    JSON, one line, inert on a terminal. The encoder has already escaped the C0 ones."""
+    return _UNSAFE.sub(lambda match: f"\\u{ord(match.group()):04x}", json_text)
+
+
 def storable_text(value: str, max_length: int) -> str:
     """Client text (a header such as User-Agent) as it may be stored and shown again: control
     characters escaped, cut to at most `max_length` characters without splitting an escape."""
