@@ -20,7 +20,6 @@ from sparc.request_ids import current_request_id
 from tests.processes import (
     LOG_RECORD_START,
     poll,
-    run_sparc,
     sparc_env,
     start_serve,
     stop_with_output,
@@ -184,20 +183,6 @@ def test_a_line_logged_while_serving_a_request_names_its_id() -> None:
     assert text == "INFO:     sparc.test: inside request_id=req-42"
     assert fields["request_id"] == "req-42"
     assert "request_id" not in json.loads(json_formatted("outside"))
-
-
-def test_a_bad_log_format_stops_the_program_with_one_line(tmp_path: Path) -> None:
-    result = run_sparc("migrate", env=sparc_env(SPARC_LOG_FORMAT="yaml"), cwd=tmp_path)
-    assert result.returncode == 2
-    assert result.stderr == "sparc: SPARC_LOG_FORMAT='yaml' is not one of: text, json\n"
-
-
-def test_a_bad_log_level_stops_the_program_with_one_line(tmp_path: Path) -> None:
-    result = run_sparc("migrate", env=sparc_env(SPARC_LOG_LEVEL="loud"), cwd=tmp_path)
-    assert result.returncode == 2
-    assert result.stderr == (
-        "sparc: SPARC_LOG_LEVEL='loud' is not one of: debug, info, warning, error, critical\n"
-    )
 
 
 def test_in_json_mode_every_line_sparc_serve_writes_is_json(

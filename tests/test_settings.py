@@ -40,6 +40,8 @@ def test_defaults() -> None:
     assert (settings.argon2_time_cost, settings.argon2_memory_kib) == (2, 19456)
     assert settings.argon2_parallelism == 1
     assert (settings.audit_retention, settings.purge_interval) == (365 * 86400.0, 600.0)
+    # log_format None: text when stderr is a terminal, JSON otherwise.
+    assert (settings.access_log, settings.log_format, settings.log_level) == (True, None, "info")
 
 
 def test_every_variable_is_read() -> None:
@@ -78,6 +80,9 @@ def test_every_variable_is_read() -> None:
             "SPARC_ARGON2_PARALLELISM": "4",
             "SPARC_AUDIT_RETENTION": "90d",
             "SPARC_PURGE_INTERVAL": "1m",
+            "SPARC_ACCESS_LOG": "false",
+            "SPARC_LOG_FORMAT": "JSON",
+            "SPARC_LOG_LEVEL": "Warning",
         }
     )
     assert settings == Settings(
@@ -118,6 +123,9 @@ def test_every_variable_is_read() -> None:
         argon2_parallelism=4,
         audit_retention=90 * 86400.0,
         purge_interval=60.0,
+        access_log=False,
+        log_format="json",
+        log_level="warning",
     )
 
 
@@ -171,6 +179,10 @@ def test_every_variable_is_read() -> None:
         ("SPARC_AUDIT_RETENTION", "a year", "not a duration"),
         ("SPARC_PURGE_INTERVAL", "0s", "more than 0"),
         ("SPARC_PURGE_INTERVAL", "-10m", "not a duration"),
+        ("SPARC_ACCESS_LOG", "sometimes", "not a boolean"),
+        ("SPARC_LOG_FORMAT", "yaml", "is not one of: text, json"),
+        ("SPARC_LOG_LEVEL", "loud", "is not one of: debug, info, warning, error, critical"),
+        ("SPARC_LOG_LEVEL", "20", "is not one of: debug, info"),
     ],
 )
 def test_bad_value_names_the_variable_and_value(variable: str, value: str, complaint: str) -> None:
@@ -251,6 +263,9 @@ def test_dotenv_in_the_working_directory_is_honoured(
         ("DATABASE_URL", "mysql://root:pw@h/db"),
         ("DB_POOL_TIMEOUT", "-1"),
         ("SPARC_MIGRATE", "sometimes"),
+        # Read before logging is set up: the line is plain, whatever the format would be.
+        ("SPARC_LOG_FORMAT", "yaml"),
+        ("SPARC_LOG_LEVEL", "loud"),
     ],
 )
 def test_sparc_stops_with_exit_2_and_one_line(tmp_path: Path, variable: str, value: str) -> None:
