@@ -15,20 +15,29 @@ the user's id. Nothing else of the request: no header, no token.
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
 
 from starlette.types import Scope
 
-from sparc.logs import json_fields, json_line, text_line
+from sparc.logs import log_time, text_line
 from sparc.request_ids import request_id_of
 from sparc.route_templates import route_template
 from sparc.settings import LogFormat
+from sparc.text import escape_control_characters_in_json
 
 ACCESS_LOGGER = "sparc.access"
 _LEVEL = "INFO"
+
+
+# A JSON string of `text`: quotes, backslashes and C0 controls escaped, the rest as it is (C).
+_json_string: Callable[[str], str] = json.encoder.encode_basestring
+
+
+def _json_optional(text: str | None) -> str:
+    return "null" if text is None else _json_string(text)
 
 
 def _user_id(scope: Scope) -> str | None:
@@ -73,21 +82,21 @@ class AccessLog:
             pass
 
     def _json_line(self, scope: Scope, status: int, seconds: float) -> str:
+        # The keys of sparc.logs.json_fields and the access keys, in the README's order, as
+        # one format string: a quarter of what json.dumps of the same dict costs.
         method = scope["method"]
         path = scope["path"]
-        fields: dict[str, Any] = json_fields(
-            time.time(), _LEVEL, ACCESS_LOGGER, f"{method} {path} {status}"
+        line = (
+            f'{{"time":"{log_time(time.time())}","level":"info","logger":"{ACCESS_LOGGER}",'
+            f'"message":{_json_string(f"{method} {path} {status}")},'
+            # From the scope, not the context: the line is made as the request ends.
+            f'"request_id":{_json_optional(request_id_of(scope))},'
+            f'"client":{_json_optional(_client(scope))},"method":{_json_string(method)},'
+            f'"route":{_json_optional(route_template(scope))},"path":{_json_string(path)},'
+            f'"status":{status},"duration_ms":{round(seconds * 1000, 3)},'
+            f'"user_id":{_json_optional(_user_id(scope))}}}'
         )
-        # From the scope, not the context: the line is made as the request ends.
-        fields["request_id"] = request_id_of(scope)
-        fields["client"] = _client(scope)
-        fields["method"] = method
-        fields["route"] = route_template(scope)
-        fields["path"] = path
-        fields["status"] = status
-        fields["duration_ms"] = round(seconds * 1000, 3)
-        fields["user_id"] = _user_id(scope)
-        return json_line(fields) + "\n"
+        return escape_control_characters_in_json(line) + "\n"
 
     def _text_line(self, scope: Scope, status: int, seconds: float) -> str:
         route = route_template(scope)
