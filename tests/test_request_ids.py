@@ -17,7 +17,7 @@ from starlette.routing import Route
 from sparc.app import create_app
 from sparc.logs import JsonFormatter
 from sparc.openapi import DOCUMENT
-from sparc.request_ids import REQUEST_ID_MAX_LENGTH, incoming_request_id
+from sparc.request_ids import REQUEST_ID_MAX_LENGTH, current_request_id, incoming_request_id
 from sparc.settings import Settings
 from tests.conftest import serving
 from tests.helpers import add_failing_routes, assert_problem, bearer, token_for
@@ -150,3 +150,16 @@ def test_the_openapi_document_describes_it() -> None:
                 assert answer["headers"]["X-Request-ID"] == {
                     "$ref": "#/components/headers/RequestId"
                 }
+
+
+async def test_the_servers_own_line_about_a_request_that_raised_can_name_it(
+    settings: Settings,
+) -> None:
+    # uvicorn logs "Exception in ASGI application" in the request's task after the app raised:
+    # the id is still set there.
+    app = create_app(settings)
+    add_failing_routes(app)
+    async with serving(app) as http:
+        with pytest.raises(RuntimeError, match="boom"):
+            await http.get("/boom", headers={"X-Request-ID": "raised-1"})
+        assert current_request_id.get() == "raised-1"
