@@ -22,22 +22,17 @@ from collections.abc import Callable
 
 from starlette.types import Scope
 
-from sparc.logs import log_time, text_line
+from sparc.logs import THREE_DIGITS, log_time, text_line
 from sparc.request_ids import request_id_of
 from sparc.route_templates import route_template
 from sparc.settings import LogFormat
-from sparc.text import escape_control_characters_in_json
 
 ACCESS_LOGGER = "sparc.access"
 _LEVEL = "INFO"
 
-
-# A JSON string of `text`: quotes, backslashes and C0 controls escaped, the rest as it is (C).
-_json_string: Callable[[str], str] = json.encoder.encode_basestring
-
-
-def _json_optional(text: str | None) -> str:
-    return "null" if text is None else _json_string(text)
+# A JSON string of client text, all ASCII: quotes, backslashes, controls and everything beyond
+# `~` escaped (`\u001b`, `\u00e9`), so the line needs no escaping afterwards. C code.
+_json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii
 
 
 def _user_id(scope: Scope) -> str | None:
@@ -82,21 +77,27 @@ class AccessLog:
             pass
 
     def _json_line(self, scope: Scope, status: int, seconds: float) -> str:
-        # The keys of sparc.logs.json_fields and the access keys, in the README's order, as
-        # one format string: a quarter of what json.dumps of the same dict costs.
-        method = scope["method"]
-        path = scope["path"]
-        line = (
+        # The keys of sparc.logs.json_fields, then the access keys, in the README's order, as
+        # one format string: a fifth of what json.dumps of the same dict costs. The request id
+        # and the user id (a UUID) need no escaping.
+        method = _json_string(scope["method"])
+        path = _json_string(scope["path"])
+        client = _client(scope)
+        route = route_template(scope)
+        request_id = request_id_of(scope)
+        user_id = _user_id(scope)
+        quoted_request_id = "null" if request_id is None else f'"{request_id}"'
+        quoted_user_id = "null" if user_id is None else f'"{user_id}"'
+        micros = int(seconds * 1_000_000)
+        return (
             f'{{"time":"{log_time(time.time())}","level":"info","logger":"{ACCESS_LOGGER}",'
-            f'"message":{_json_string(f"{method} {path} {status}")},'
-            # From the scope, not the context: the line is made as the request ends.
-            f'"request_id":{_json_optional(request_id_of(scope))},'
-            f'"client":{_json_optional(_client(scope))},"method":{_json_string(method)},'
-            f'"route":{_json_optional(route_template(scope))},"path":{_json_string(path)},'
-            f'"status":{status},"duration_ms":{round(seconds * 1000, 3)},'
-            f'"user_id":{_json_optional(_user_id(scope))}}}'
+            f'"message":"{method[1:-1]} {path[1:-1]} {status}",'
+            f'"request_id":{quoted_request_id},'
+            f'"client":{"null" if client is None else _json_string(client)},"method":{method},'
+            f'"route":{"null" if route is None else _json_string(route)},"path":{path},'
+            f'"status":{status},"duration_ms":{micros // 1000}.{THREE_DIGITS[micros % 1000]},'
+            f'"user_id":{quoted_user_id}}}\n'
         )
-        return escape_control_characters_in_json(line) + "\n"
 
     def _text_line(self, scope: Scope, status: int, seconds: float) -> str:
         route = route_template(scope)
