@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import json
 import re
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -12,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from sparc.access_log import ATOMIC_WRITE, AccessLog
 from sparc.app import create_app
 from sparc.settings import Settings
 from tests.conftest import poll_until, serving
@@ -192,3 +195,36 @@ async def test_no_line_when_the_access_log_is_off_or_the_level_above_info(
             await logged.get("/healthz")
         [line] = await access_records(capsys, 1)
     assert line["path"] == "/healthz"
+
+
+class Writes(io.StringIO):
+    """A stdout that keeps what each flush wrote."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed: list[str] = []
+
+    def flush(self) -> None:
+        self.flushed.append(self.getvalue())
+        self.seek(0)
+        self.truncate()
+
+
+async def test_a_busy_turn_is_written_in_whole_lines_of_at_most_a_pipe_buffer(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under --workers N every worker writes to the same pipe: a write up to PIPE_BUF bytes is
+    # never interleaved with another's, so no line is cut into by another worker's.
+    stdout = Writes()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    access_log = AccessLog("json")
+    scope = {"type": "http", "method": "GET", "path": "/é" * 50, "client": ("192.0.2.1", 1)}
+    for _ in range(100):  # in one turn of the loop
+        access_log.request_answered(scope, 200, 0.001)
+    await poll_until(lambda: bool(stdout.flushed))
+    assert len(stdout.flushed) > 1
+    assert all(len(block.encode()) <= ATOMIC_WRITE for block in stdout.flushed)
+    assert all(block.endswith("\n") for block in stdout.flushed)
+    lines = "".join(stdout.flushed).splitlines()
+    assert len(lines) == 100
+    assert all(json.loads(line)["path"] == "/é" * 50 for line in lines)

@@ -29,6 +29,9 @@ from sparc.settings import LogFormat
 
 ACCESS_LOGGER = "sparc.access"
 _LEVEL = "INFO"
+# POSIX's PIPE_BUF minimum, Linux's value: a write to a pipe of at most this many bytes is never
+# interleaved with another process's writes.
+ATOMIC_WRITE = 4096
 
 # A JSON string of client text, all ASCII: quotes, backslashes, controls and everything beyond
 # `~` escaped (`\u001b`, `\u00e9`), so the line needs no escaping afterwards. C code.
@@ -68,9 +71,22 @@ class AccessLog:
         if not self._pending:
             return
         lines, self._pending = self._pending, []
+        stdout = sys.stdout
         try:
-            sys.stdout.write("".join(lines))
-            sys.stdout.flush()
+            # Whole lines, at most ATOMIC_WRITE bytes a write: several workers writing to one
+            # pipe never interleave inside a line.
+            chunk: list[str] = []
+            size = 0
+            for line in lines:
+                length = len(line) if line.isascii() else len(line.encode())
+                if chunk and size + length > ATOMIC_WRITE:
+                    stdout.write("".join(chunk))
+                    stdout.flush()
+                    chunk, size = [], 0
+                chunk.append(line)
+                size += length
+            stdout.write("".join(chunk))
+            stdout.flush()
         except (OSError, ValueError):
             # stdout is gone (a closed pipe): a line that cannot be written must not fail
             # requests, and there is nowhere left to say so.
