@@ -43,32 +43,45 @@ def free_port() -> int:
         return port
 
 
-@contextlib.contextmanager
-def server(app: str, env: dict[str, str], *, workers: int = 1) -> Iterator[str]:
-    """Run `app` (a uvicorn factory path) on a free port; yield its base URL.
+# What a user runs: `sparc serve` with its defaults (uvicorn with uvloop and httptools, one
+# worker, SPARC's access log on), as opposed to an app under a hand-written uvicorn line.
+SPARC_SERVE = "sparc serve"
 
-    Its log goes to bench/results/<app>.log: the connection-per-request app logs a traceback
-    for every request PostgreSQL refuses.
-    """
-    port = free_port()
-    log_dir = REPO_ROOT / "bench" / "results"
-    log_dir.mkdir(exist_ok=True)
-    log = (log_dir / f"{app.split(':')[-1]}.log").open("a")
-    process = subprocess.Popen(
-        [
+
+def server_command(app: str, port: int, *, workers: int = 1) -> list[str]:
+    """The command that serves `app` on `port`: `sparc serve` as shipped for SPARC_SERVE, else
+    uvicorn with the factory `app` and nothing logged but warnings (the reference apps)."""
+    if app == SPARC_SERVE:
+        return [
             sys.executable,
             "-m",
-            "uvicorn",
-            app,
-            "--factory",
+            "sparc",
+            "serve",
             "--port",
             str(port),
             "--workers",
             str(workers),
-            "--log-level",
-            "warning",
-            "--no-access-log",
-        ],
+        ]
+    return [
+        *(sys.executable, "-m", "uvicorn", app, "--factory", "--port", str(port)),
+        *("--workers", str(workers), "--log-level", "warning", "--no-access-log"),
+    ]
+
+
+@contextlib.contextmanager
+def server(app: str, env: dict[str, str], *, workers: int = 1) -> Iterator[str]:
+    """Serve `app` (SPARC_SERVE or a uvicorn factory path) on a free port; yield its base URL.
+
+    Its log goes to bench/results/<app>.log: the connection-per-request app logs a traceback
+    for every request PostgreSQL refuses, `sparc serve` a line per request.
+    """
+    port = free_port()
+    log_dir = REPO_ROOT / "bench" / "results"
+    log_dir.mkdir(exist_ok=True)
+    name = app.split(":")[-1].replace(" ", "-")
+    log = (log_dir / f"{name}.log").open("a")
+    process = subprocess.Popen(
+        server_command(app, port, workers=workers),
         env={**os.environ, **env},
         cwd=REPO_ROOT,
         stdout=log,

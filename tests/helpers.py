@@ -5,6 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from sparc.database import PoolTimeout
 
 PASSWORD = "correct horse battery"
 
@@ -51,4 +57,21 @@ def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
     body: dict[str, Any] = response.json()
     assert body["status"] == status
     assert body["title"] and body["detail"]
+    # Every problem of SPARC's app names the request's id, as its X-Request-ID header does (an
+    # app of the database layer alone gives requests no id).
+    if "x-request-id" in response.headers:
+        assert body["request_id"] == response.headers["x-request-id"], response.text
     return body
+
+
+def add_failing_routes(app: Starlette) -> None:
+    """`/auth/busy`, answered 503 by the database middleware (no connection in time), and
+    `/boom`, which raises: a 500 from the framework's error handler."""
+
+    async def busy(request: Request) -> Response:
+        raise PoolTimeout("no connection")
+
+    async def boom(request: Request) -> Response:
+        raise RuntimeError("boom")
+
+    app.router.routes += [Route("/auth/busy", busy), Route("/boom", boom)]

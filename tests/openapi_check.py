@@ -49,6 +49,8 @@ def check_response(response: httpx.Response) -> None:
         _validate(response.json(), {"$ref": "#/components/schemas/Problem"})
         # The headers every answer carries, as on the operations' answers.
         assert response.headers["x-content-type-options"] == CONTENT_TYPE_OPTIONS
+        request_id = _resolved({"$ref": "#/components/headers/RequestId"})["schema"]
+        _validate(response.headers["x-request-id"], request_id)
         if path.startswith(NO_STORE_PREFIX):
             assert response.headers["cache-control"] == CACHE_CONTROL
         return

@@ -14,9 +14,11 @@ from pathlib import Path
 import httpx
 import psutil
 
-# What starts a record in SPARC's log format (sparc.logs): a level, a colon, the padding. A line
-# that does not is part of a record's traceback, indented.
-LOG_RECORD_START = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL):\s+\S")
+# What starts a record in SPARC's text log format (sparc.logs): the time, a level, a colon, the
+# padding. A line that does not is part of a record's traceback, indented.
+LOG_RECORD_START = re.compile(
+    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL):\s+\S"
+)
 
 
 def free_port() -> int:
@@ -28,6 +30,9 @@ def free_port() -> int:
 
 def sparc_env(**overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "TEST_DATABASE_URL"}}
+    # The text format, which the tests read line by line, although stderr is no terminal here
+    # (JSON would be the default); tests of the JSON format ask for it.
+    env["SPARC_LOG_FORMAT"] = "text"
     env.update(overrides)
     return env
 
@@ -57,6 +62,13 @@ def stop(process: subprocess.Popen[str], sig: signal.Signals = signal.SIGTERM) -
     return process.returncode, stderr
 
 
+def stop_with_output(process: subprocess.Popen[str]) -> tuple[int, str, str]:
+    """`stop` for a server started with `capture_stdout`: its exit code, stdout and stderr."""
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=30)
+    return process.returncode, stdout, stderr
+
+
 def postgres_processes_using(data_dir: Path) -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter(["name", "cmdline"]):
@@ -69,19 +81,26 @@ def postgres_processes_using(data_dir: Path) -> list[psutil.Process]:
     return found
 
 
-def start_serve(env: dict[str, str], *args: str, cwd: Path) -> tuple[subprocess.Popen[str], str]:
+def start_serve(
+    env: dict[str, str], *args: str, cwd: Path, capture_stdout: bool = False
+) -> tuple[subprocess.Popen[str], str]:
     port = free_port()
-    process = start_sparc("serve", "--port", str(port), *args, env=env, cwd=cwd)
+    process = start_sparc(
+        "serve", "--port", str(port), *args, env=env, cwd=cwd, capture_stdout=capture_stdout
+    )
     return process, f"http://127.0.0.1:{port}"
 
 
-def start_sparc(*args: str, env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
-    """Start a `sparc` command without waiting for it; what it logs is on its stderr."""
+def start_sparc(
+    *args: str, env: dict[str, str], cwd: Path, capture_stdout: bool = False
+) -> subprocess.Popen[str]:
+    """Start a `sparc` command without waiting for it; what it logs is on its stderr, its access
+    log on its stdout (kept with `capture_stdout`)."""
     return subprocess.Popen(
         [sys.executable, "-m", "sparc", *args],
         env=env,
         cwd=cwd,
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE if capture_stdout else subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )

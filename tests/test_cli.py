@@ -91,7 +91,7 @@ def test_serve_with_two_workers_shares_nothing_but_the_database(
     # formatter: the supervisor's check opens a pool, then each worker opens its own.
     lines = stderr.splitlines()
     assert sum("sparc.database: database pool open" in line for line in lines) == 3, stderr
-    assert any(line.startswith("INFO:     uvicorn.error: Started server process") for line in lines)
+    assert any("Z INFO:     uvicorn.error: Started server process" in line for line in lines)
     assert all(LOG_RECORD_START.match(line) or line.startswith("    ") for line in lines), stderr
 
 
@@ -210,7 +210,7 @@ def test_with_migrate_off_serve_warns_about_a_schema_a_newer_release_migrated_an
     finally:
         code, stderr = stop(process)
     assert code == 0, stderr
-    [warning] = [line for line in stderr.splitlines() if line.startswith("WARNING")]
+    [warning] = [line for line in stderr.splitlines() if "Z WARNING:  " in line]
     assert "at revision from_a_newer_release, which this release" in warning
     assert "a newer release has migrated it; serving on" in warning
 

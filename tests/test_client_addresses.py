@@ -170,4 +170,4 @@ def test_the_server_log_names_the_client_not_the_proxy(cli_database: str, tmp_pa
     finally:
         process.send_signal(signal.SIGTERM)
         stdout, _ = process.communicate(timeout=30)
-    assert '203.0.113.99:0 - "GET /healthz' in stdout, stdout[-2000:]
+    assert "sparc.access: 203.0.113.99 GET /healthz 200" in stdout, stdout[-2000:]

@@ -128,12 +128,20 @@ def test_the_checker_rejects_what_the_document_does_not_say() -> None:
         check_response(httpx.Response(418, json={}, request=request))
     with pytest.raises(AssertionError, match="missing X-Content-Type-Options"):
         check_response(httpx.Response(200, json={"id": "x"}, request=request))
-    headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
+    headers = {
+        "X-Content-Type-Options": "nosniff",
+        "Cache-Control": "no-store",
+        "X-Request-ID": "a1",
+    }
     with pytest.raises(Exception, match="'nosniff' was expected"):
         check_response(
             httpx.Response(
                 200, headers={**headers, "X-Content-Type-Options": "sniff"}, request=request
             )
+        )
+    with pytest.raises(Exception, match="does not match"):
+        check_response(
+            httpx.Response(200, headers={**headers, "X-Request-ID": "a b"}, request=request)
         )
     with pytest.raises(Exception, match="is a required property"):
         check_response(httpx.Response(200, json={"id": "x"}, headers=headers, request=request))

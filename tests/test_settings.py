@@ -46,6 +46,8 @@ def test_defaults() -> None:
     assert (settings.password_reset_ttl, settings.email_verify_ttl) == (3600.0, 86400.0)
     assert settings.require_verified_email is False
     assert (settings.mail_retry_delay, settings.password_reset_ip_max) == (60.0, 20)
+    # log_format None: text when stderr is a terminal, JSON otherwise.
+    assert (settings.access_log, settings.log_format, settings.log_level) == (True, None, "info")
 
 
 def test_every_variable_is_read(tmp_path: Path) -> None:
@@ -94,6 +96,9 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
             "SPARC_EMAIL_VERIFY_TTL": "3d",
             "SPARC_REQUIRE_VERIFIED_EMAIL": "true",
             "SPARC_MAIL_RETRY_DELAY": "2m",
+            "SPARC_ACCESS_LOG": "false",
+            "SPARC_LOG_FORMAT": "JSON",
+            "SPARC_LOG_LEVEL": "Warning",
         }
     )
     assert settings == Settings(
@@ -144,6 +149,9 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
         email_verify_ttl=3 * 86400.0,
         require_verified_email=True,
         mail_retry_delay=120.0,
+        access_log=False,
+        log_format="json",
+        log_level="warning",
     )
 
 
@@ -209,6 +217,10 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
         ("SPARC_EMAIL_VERIFY_TTL", "a day", "not a duration"),
         ("SPARC_REQUIRE_VERIFIED_EMAIL", "sometimes", "not a boolean"),
         ("SPARC_MAIL_RETRY_DELAY", "0", "more than 0"),
+        ("SPARC_ACCESS_LOG", "sometimes", "not a boolean"),
+        ("SPARC_LOG_FORMAT", "yaml", "is not one of: text, json"),
+        ("SPARC_LOG_LEVEL", "loud", "is not one of: debug, info, warning, error, critical"),
+        ("SPARC_LOG_LEVEL", "20", "is not one of: debug, info"),
     ],
 )
 def test_bad_value_names_the_variable_and_value(variable: str, value: str, complaint: str) -> None:
@@ -306,6 +318,9 @@ def test_dotenv_in_the_working_directory_is_honoured(
         ("DATABASE_URL", "mysql://root:pw@h/db"),
         ("DB_POOL_TIMEOUT", "-1"),
         ("SPARC_MIGRATE", "sometimes"),
+        # Read before logging is set up: the line is plain, whatever the format would be.
+        ("SPARC_LOG_FORMAT", "yaml"),
+        ("SPARC_LOG_LEVEL", "loud"),
     ],
 )
 def test_sparc_stops_with_exit_2_and_one_line(tmp_path: Path, variable: str, value: str) -> None:

@@ -102,9 +102,13 @@ class Reader:
         return tuple(networks)
 
     def choice(self, name: str, choices: tuple[_Choice, ...], default: _Choice) -> _Choice:
+        chosen = self.optional_choice(name, choices)
+        return default if chosen is None else chosen
+
+    def optional_choice(self, name: str, choices: tuple[_Choice, ...]) -> _Choice | None:
         raw = self._raw(name)
         if raw is None:
-            return default
+            return None
         for choice in choices:
             if raw.lower() == choice:
                 return choice

@@ -4,12 +4,13 @@ mail delivery)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.types import Scope
 
 from sparc import (
     admin,
@@ -25,12 +26,15 @@ from sparc import (
     retention,
     sessions,
 )
+from sparc.access_log import AccessLog
 from sparc.database import DatabaseClient, DatabaseMiddleware
 from sparc.embedded import database_settings_async
 from sparc.headers import answer_headers
+from sparc.logs import resolved_log_format
 from sparc.mail_delivery import MailDelivery, delivering_in_background
 from sparc.problems import Problem, handle_http_exception, handle_problem, handle_server_error
 from sparc.proxies import TrustedProxies, TrustedProxyMiddleware
+from sparc.request_ids import begin_request
 from sparc.security import PasswordHasher
 from sparc.settings import Settings, load_settings
 from sparc.state import set_app_state
@@ -45,6 +49,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
     # One client, and so one pool, per app: every request shares it via DatabaseMiddleware.
     client = DatabaseClient(settings, events=app_metrics)
     mail_delivery = MailDelivery(client, settings, events=app_metrics)
+    # Access lines are info lines: a higher SPARC_LOG_LEVEL silences them too.
+    access_log = (
+        AccessLog(resolved_log_format(settings.log_format))
+        if settings.access_log and settings.log_level in ("debug", "info")
+        else None
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -62,6 +72,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
                     yield
             finally:
                 await client.disconnect()
+                if access_log is not None:
+                    access_log.flush()
 
     # Behind a load balancer the client's address comes from X-Forwarded-For, believed only
     # from SPARC_TRUSTED_PROXIES; with none configured the layer is left out altogether.
@@ -86,13 +98,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
         ],
         middleware=[
             *proxies,
-            # It also reports every request's route, status and duration to the metrics, and
-            # adds the headers every answer carries.
+            # It also gives every request its id, reports its route, status and duration to the
+            # metrics and the access log, and adds the headers every answer carries.
             Middleware(
                 DatabaseMiddleware,
                 client=client,
-                on_answered=app_metrics.request_answered,
-                response_headers=answer_headers,
+                on_answered=_answered(app_metrics, access_log),
+                on_arrival=_arrived,
             ),
             Middleware(
                 AuthenticationMiddleware,
@@ -123,3 +135,21 @@ def create_app(settings: Settings | None = None) -> Starlette:
         ),
     )
     return app
+
+
+def _arrived(scope: Scope) -> Sequence[tuple[bytes, bytes]]:
+    """A request's id, then the headers its answer carries: those of its path and its id."""
+    return (*answer_headers(scope["path"]), begin_request(scope))
+
+
+def _answered(
+    app_metrics: metrics.Metrics, access_log: AccessLog | None
+) -> Callable[[Scope, int, float], None]:
+    if access_log is None:
+        return app_metrics.request_answered
+
+    def counted_and_logged(scope: Scope, status: int, seconds: float) -> None:
+        app_metrics.request_answered(scope, status, seconds)
+        access_log.request_answered(scope, status, seconds)
+
+    return counted_and_logged

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, cast
 from sparc import admin_cli
 from sparc.database import DatabaseClient, DatabaseUnavailable, QueryError
 from sparc.embedded import database_settings, running_url
-from sparc.logs import logging_config
+from sparc.logs import logging_config, resolved_log_format
 from sparc.mail_messages import MailBuilder
 from sparc.migrations import (
     SchemaPosition,
@@ -149,9 +149,6 @@ def _port(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    # The load test's own output is its report; the sampler's pool chatter would only blur it.
-    level = logging.WARNING if args.command in ("loadtest", "users") else logging.INFO
-    logging.config.dictConfig(logging_config(level))
     try:
         settings = load_settings()
         if args.command == "serve":
@@ -159,6 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"sparc: {exc}", file=sys.stderr)
         return 2
+    # The load test's own output is its report; the sampler's pool chatter would only blur it.
+    level = "warning" if args.command in ("loadtest", "users") else settings.log_level
+    logging.config.dictConfig(logging_config(level, resolved_log_format(settings.log_format)))
     if args.command == "loadtest":
         return _loadtest(args, settings)
     try:
@@ -285,9 +285,11 @@ def _serve(settings: Settings, *, host: str, port: int, workers: int) -> int:
             port=port,
             workers=workers,
             lifespan="on",
-            # Each worker, and uvicorn's own lines, log as this process does: control
-            # characters escaped.
-            log_config=logging_config(logging.INFO),
+            # Each worker, and uvicorn's own lines, log as this process does: in one format,
+            # control characters escaped.
+            log_config=logging_config(settings.log_level, resolved_log_format(settings.log_format)),
+            # SPARC's own access log (sparc.access_log) replaces uvicorn's.
+            access_log=False,
             proxy_headers=False,
             # At shutdown, keep-alive connections close after an answer or by their client,
             # never under a request a proxy is sending (see sparc.draining).

@@ -14,7 +14,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 from collections.abc import AsyncIterator
-from typing import cast
 
 import anyio
 from prometheus_client import (
@@ -28,7 +27,7 @@ from prometheus_client import (
 )
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Match, Route
+from starlette.routing import Route
 from starlette.types import Scope
 
 from sparc.database import DatabaseClient, PoolEvents
@@ -36,6 +35,7 @@ from sparc.mail_delivery import MailEvents
 from sparc.openapi_parts import Operations, operation
 from sparc.outbox import KINDS
 from sparc.retention import PURGED_TABLES, PurgeEvents
+from sparc.route_templates import route_template
 from sparc.settings import metrics_directory
 from sparc.state import metrics_of
 
@@ -192,12 +192,9 @@ class Metrics(PoolEvents, PurgeEvents, MailEvents):
     def request_answered(self, scope: Scope, status: int, seconds: float) -> None:
         """Count one HTTP request by route template (not raw path), method and status, and
         time it. DatabaseMiddleware reports every request here."""
-        matched = scope.get("route")
-        if matched is None:
-            # Answered before routing (a 503 while authenticating, say): find the route it
-            # was for, so it is counted there rather than as unmatched.
-            matched = _route_for(scope)
-        route = getattr(matched, "path", None) or "unmatched"
+        # Answered before routing (a 503 while authenticating, say): counted under the route
+        # it was for rather than as unmatched.
+        route = route_template(scope) or "unmatched"
         method = scope["method"]
         if method not in _METHODS:
             method = "other"  # the client names the method: keep the label set bounded
@@ -303,14 +300,6 @@ class Metrics(PoolEvents, PurgeEvents, MailEvents):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
         return generate_latest(registry)
-
-
-def _route_for(scope: Scope) -> BaseRoute | None:
-    app = scope.get("app")
-    for route in getattr(getattr(app, "router", None), "routes", ()):
-        if route.matches(scope)[0] is Match.FULL:
-            return cast(BaseRoute, route)
-    return None
 
 
 async def metrics_endpoint(request: Request) -> Response:

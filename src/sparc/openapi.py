@@ -40,6 +40,7 @@ from sparc.openapi_parts import (
     schema_ref,
     string_schema,
 )
+from sparc.request_ids import REQUEST_ID_MAX_LENGTH, REQUEST_ID_PATTERN
 from sparc.security import TOKEN_LENGTH
 
 _TIMESTAMP = string_schema(format="date-time")
@@ -58,6 +59,7 @@ _MAILED_TOKEN = string_schema(
     description="The code from the mail (the `token` of its link).",
 )
 _GIVEN_PASSWORD = string_schema(minLength=GIVEN_PASSWORD_MIN_LENGTH, maxLength=PASSWORD_MAX_LENGTH)
+_REQUEST_ID = string_schema(maxLength=REQUEST_ID_MAX_LENGTH, pattern=REQUEST_ID_PATTERN)
 
 _ADMIN_USER_SUMMARY: dict[str, Any] = {
     "id": string_schema(format="uuid"),
@@ -80,6 +82,11 @@ SCHEMAS: dict[str, Any] = {
             "title": string_schema(),
             "status": {"type": "integer", "minimum": 400, "maximum": 599},
             "detail": string_schema(),
+            "request_id": {
+                **_REQUEST_ID,
+                "description": "The request's id, as in its X-Request-ID answer header and in "
+                "every log line of the request: quote it when reporting this answer.",
+            },
             "errors": {
                 "type": "array",
                 "items": {
@@ -368,6 +375,13 @@ DOCUMENT: dict[str, Any] = {
             "DocsContentSecurityPolicy": {
                 "description": "What the docs page may load: only SPARC's own files.",
                 "schema": {"const": docs.CONTENT_SECURITY_POLICY},
+            },
+            "RequestId": {
+                "description": "On every answer: the request's id. The request's own "
+                f"X-Request-ID when it is at most {REQUEST_ID_MAX_LENGTH} letters, digits and "
+                "`-_.:`, else a new one; every log line of the request and every problem "
+                "document (`request_id`) carry it.",
+                "schema": _REQUEST_ID,
             },
         },
     },

@@ -14,6 +14,7 @@ from starlette.routing import Route
 from sparc.headers import NO_STORE_PREFIX
 from sparc.payloads import MAX_BODY_BYTES
 from sparc.problems import PROBLEM_MEDIA_TYPE
+from sparc.request_ids import REQUEST_ID_HEADER
 
 JSON_MEDIA_TYPE = "application/json"
 
@@ -71,8 +72,12 @@ _UNAUTHORIZED = {
     "401": problem_answer("No valid bearer token; the answer carries `WWW-Authenticate: Bearer`.")
 }
 _BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
-# What sparc.headers adds to every answer, and to every answer under NO_STORE_PREFIX.
-_EVERY_ANSWER_HEADERS = {"X-Content-Type-Options": header_ref("ContentTypeOptions")}
+# What sparc.headers adds to every answer (and sparc.request_ids the request's id), and to every
+# answer under NO_STORE_PREFIX.
+_EVERY_ANSWER_HEADERS = {
+    "X-Content-Type-Options": header_ref("ContentTypeOptions"),
+    REQUEST_ID_HEADER: header_ref("RequestId"),
+}
 _NO_STORE_HEADERS = {**_EVERY_ANSWER_HEADERS, "Cache-Control": header_ref("CacheControl")}
 
 

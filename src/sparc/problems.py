@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from sparc.headers import answer_headers
+from sparc.request_ids import REQUEST_ID_HEADER, current_request_id, request_id_of
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 
@@ -57,6 +58,10 @@ def problem_response(
     }
     if errors is not None:
         body["errors"] = list(errors)
+    # What a client quotes when it reports this answer; the request's log lines carry it too.
+    request_id = current_request_id.get()
+    if request_id is not None:
+        body["request_id"] = request_id
     return Response(
         json.dumps(body, ensure_ascii=False).encode(),
         status_code=status,
@@ -81,4 +86,7 @@ async def handle_server_error(request: Request, exc: Exception) -> Response:
     response = problem_response(500, "The server failed to handle this request.")
     # ServerErrorMiddleware sends this past every other middleware: it needs the headers here.
     response.raw_headers.extend(answer_headers(request.scope["path"]))
+    request_id = request_id_of(request.scope)
+    if request_id is not None:
+        response.headers[REQUEST_ID_HEADER] = request_id
     return response

@@ -38,6 +38,11 @@ DEFAULT_HASH_CONCURRENCY = os.cpu_count() or 1
 # release step of its own (`sparc migrate`) and `sparc serve` only checks the schema.
 MigrateMode = Literal["auto", "off"]
 MIGRATE_MODES: tuple[MigrateMode, ...] = ("auto", "off")
+# SPARC_LOG_FORMAT: lines for people, or one JSON object per line for a log pipeline.
+LogFormat = Literal["text", "json"]
+LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error", "critical")
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +121,11 @@ class Settings:
     require_verified_email: bool = False
     # The first retry of a failed delivery waits this long, each further one twice as long.
     mail_retry_delay: float = 60.0
+    # One line per request (sparc.access_log).
+    access_log: bool = True
+    # None: text when stderr is a terminal, JSON otherwise (sparc.logs.resolved_log_format).
+    log_format: LogFormat | None = None
+    log_level: LogLevel = "info"
 
     def __post_init__(self) -> None:
         if self.database_url is not None:
@@ -312,6 +322,9 @@ def load_settings(
         email_verify_ttl=reader.seconds("SPARC_EMAIL_VERIFY_TTL", 86400.0, allow_zero=False),
         require_verified_email=reader.boolean("SPARC_REQUIRE_VERIFIED_EMAIL", False),
         mail_retry_delay=reader.seconds("SPARC_MAIL_RETRY_DELAY", 60.0, allow_zero=False),
+        access_log=reader.boolean("SPARC_ACCESS_LOG", True),
+        log_format=reader.optional_choice("SPARC_LOG_FORMAT", LOG_FORMATS),
+        log_level=reader.choice("SPARC_LOG_LEVEL", LOG_LEVELS, "info"),
     )
 
 

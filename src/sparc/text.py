@@ -35,7 +35,18 @@ def escape_control_characters(text: str) -> str:
     A backslash is left as it is: the escapes keep a log record on one line and a terminal inert,
     they are not meant to be decoded again.
     """
+    if text.isascii() and text.isprintable():
+        return text  # nearly every line: no search needed (C0 and DEL are not printable)
     return _UNSAFE.sub(lambda match: _escaped(match.group()), text)
+
+
+def escape_control_characters_in_json(json_text: str) -> str:
+    """JSON text with the control characters a JSON encoder leaves as they are (DEL, C1, line
+    separators, bidirectional overrides, surrogates) written as `\\uXXXX` escapes: the same
+    JSON, one line, inert on a terminal. The encoder has already escaped the C0 ones."""
+    if json_text.isascii() and "\x7f" not in json_text:
+        return json_text  # nearly every line: DEL is the one unsafe ASCII character left
+    return _UNSAFE.sub(lambda match: f"\\u{ord(match.group()):04x}", json_text)
 
 
 def storable_text(value: str, max_length: int) -> str:

@@ -78,17 +78,18 @@ class DatabaseMiddleware:
         app: ASGIApp,
         client: DatabaseClient,
         on_answered: Callable[[Scope, int, float], None] | None = None,
-        response_headers: Callable[[str], Sequence[tuple[bytes, bytes]]] | None = None,
+        on_arrival: Callable[[Scope], Sequence[tuple[bytes, bytes]]] | None = None,
     ) -> None:
         self.app = app
         self.client = client
         # Told of every HTTP request once it is over: its final scope (with the matched route),
         # the status that went out (500 if none did) and the seconds it took. It spares the
-        # metrics a middleware layer of their own.
+        # metrics and the access log a middleware layer of their own.
         self.on_answered = on_answered
-        # The headers to add to every answer, by the request's path: this middleware's send
-        # wrapper spares them a layer of their own too.
-        self.response_headers = response_headers
+        # Told of every HTTP request as it arrives, before anything else runs (it may add to the
+        # scope and set context variables: a request id); returns the headers to add to its
+        # answer, which this middleware's send wrapper spares a layer of their own too.
+        self.on_arrival = on_arrival
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -97,7 +98,7 @@ class DatabaseMiddleware:
             return
 
         started = time.perf_counter()
-        added = self.response_headers(scope["path"]) if self.response_headers else ()
+        added = self.on_arrival(scope) if self.on_arrival else ()
         client_token = current_client.set(self.client)
         retries_left = self.client.settings.retry_attempts
         request = RequestMessages(receive, replayable=retries_left > 0)

@@ -1,0 +1,230 @@
+"""The access log: one line per request, with what an operator needs and nothing secret."""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+import json
+import re
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import httpx
+import pytest
+
+from sparc.access_log import ATOMIC_WRITE, AccessLog
+from sparc.app import create_app
+from sparc.settings import Settings
+from tests.conftest import poll_until, serving
+from tests.helpers import PASSWORD, add_failing_routes, bearer, login, register, token_for
+
+pytestmark = pytest.mark.anyio
+
+EMAIL = "ada@example.org"
+ACCESS_KEYS = [
+    "time",
+    "level",
+    "logger",
+    "message",
+    "request_id",
+    "client",
+    "method",
+    "route",
+    "path",
+    "status",
+    "duration_ms",
+    "user_id",
+]
+
+
+async def access_lines(capsys: pytest.CaptureFixture[str], count: int) -> list[str]:
+    """The next `count` lines the access log writes (to stdout, at the end of a loop turn)."""
+    seen: list[str] = []
+
+    def enough() -> bool:
+        seen.extend(capsys.readouterr().out.splitlines())
+        return len(seen) >= count
+
+    await poll_until(enough)
+    assert len(seen) == count, seen
+    return seen
+
+
+async def access_records(capsys: pytest.CaptureFixture[str], count: int) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in await access_lines(capsys, count)]
+
+
+@pytest.fixture
+def json_settings(settings: Settings) -> Settings:
+    return replace(settings, log_format="json")
+
+
+@pytest.fixture
+async def json_http(json_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    async with serving(create_app(json_settings), check_openapi=True) as client:
+        yield client
+
+
+async def test_a_line_names_the_request_and_the_authenticated_user(
+    json_http: httpx.AsyncClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    token = await token_for(json_http, EMAIL)
+    await access_lines(capsys, 2)  # register, login
+    me = await json_http.get("/auth/me", headers={**bearer(token), "X-Request-ID": "ticket-7"})
+    [line] = await access_records(capsys, 1)
+    assert list(line) == ACCESS_KEYS
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["time"])
+    assert (line["level"], line["logger"]) == ("info", "sparc.access")
+    assert line["message"] == "GET /auth/me 200"
+    assert line["request_id"] == "ticket-7" == me.headers["x-request-id"]
+    assert line["client"] == "127.0.0.1"  # httpx's in-process transport
+    assert (line["method"], line["route"], line["path"]) == ("GET", "/auth/me", "/auth/me")
+    assert line["status"] == 200
+    assert 0 < line["duration_ms"] < 10_000
+    assert line["user_id"] == me.json()["id"]
+
+
+async def test_an_anonymous_request_has_no_user_id_and_keeps_its_route(
+    json_http: httpx.AsyncClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await json_http.get("/auth/me")  # answered 401 before routing
+    [line] = await access_records(capsys, 1)
+    assert (line["status"], line["route"], line["user_id"]) == (401, "/auth/me", None)
+
+
+async def test_a_path_no_route_serves_has_no_route(
+    json_http: httpx.AsyncClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await json_http.get("/no/such/page")
+    [line] = await access_records(capsys, 1)
+    assert (line["status"], line["route"], line["path"]) == (404, None, "/no/such/page")
+
+
+async def test_a_route_template_is_logged_beside_the_path(
+    json_http: httpx.AsyncClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    token = await token_for(json_http, EMAIL)
+    await access_lines(capsys, 2)
+    await json_http.delete("/auth/sessions/nope", headers=bearer(token))
+    [line] = await access_records(capsys, 1)
+    assert (line["route"], line["path"], line["status"]) == (
+        "/auth/sessions/{session_id}",
+        "/auth/sessions/nope",
+        404,
+    )
+
+
+async def test_no_token_password_or_query_string_is_logged(
+    json_http: httpx.AsyncClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await register(json_http, EMAIL)
+    token = (await login(json_http, EMAIL)).json()["access_token"]
+    await json_http.get("/auth/me", headers=bearer(token))
+    await json_http.get("/auth/events?limit=5&secret=sauce", headers=bearer(token))
+    await json_http.post("/auth/logout", headers=bearer(token))
+    lines = await access_lines(capsys, 5)
+    text = "\n".join(lines)
+    for secret in (token, PASSWORD, "sauce", EMAIL):
+        assert secret not in text
+    assert json.loads(lines[3])["path"] == "/auth/events"
+
+
+async def test_a_hostile_path_stays_one_line_and_decodes_to_what_was_sent(
+    json_http: httpx.AsyncClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sent = "/x\nforged line\x1b[2J\x9b\u2028\u202e"
+    await json_http.get("/x%0Aforged%20line%1B[2J%C2%9B%E2%80%A8%E2%80%AE")
+    [line] = await access_lines(capsys, 1)
+    assert not re.search("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e]", line)
+    assert json.loads(line)["path"] == sent
+
+
+async def test_the_text_format_is_one_escaped_line(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = create_app(replace(settings, log_format="text"))
+    async with serving(app) as http:
+        await http.get("/x%0AINFO:%20forged%1B[2J", headers={"X-Request-ID": "r-1"})
+    [line] = await access_lines(capsys, 1)
+    assert re.fullmatch(
+        r"\S+Z INFO:     sparc\.access: 127\.0\.0\.1 GET /x\\nINFO: forged\\x1b\[2J 404 "
+        r"\d+\.\dms route=- user_id=- request_id=r-1",
+        line,
+    ), line
+
+
+async def test_the_client_is_the_address_trusted_proxies_tell(
+    json_settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    proxies = (ipaddress.ip_network("127.0.0.1/32"),)
+    app = create_app(replace(json_settings, trusted_proxies=proxies))
+    async with serving(app) as http:
+        await http.get("/healthz", headers={"X-Forwarded-For": "198.51.100.1, 203.0.113.7"})
+    [line] = await access_records(capsys, 1)
+    assert line["client"] == "203.0.113.7"
+
+
+async def test_the_database_middlewares_503_and_a_500_are_logged_with_their_status(
+    json_settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = create_app(json_settings)
+    add_failing_routes(app)
+    async with serving(app, raise_app_exceptions=False) as http:
+        await http.get("/auth/busy")
+        await http.get("/boom")
+    busy_line, boom_line = await access_records(capsys, 2)
+    assert (busy_line["route"], busy_line["status"]) == ("/auth/busy", 503)
+    assert (boom_line["route"], boom_line["status"]) == ("/boom", 500)
+
+
+@pytest.mark.parametrize(
+    "changes", [{"access_log": False}, {"log_level": "warning"}], ids=["off", "level-warning"]
+)
+async def test_no_line_when_the_access_log_is_off_or_the_level_above_info(
+    json_settings: Settings, capsys: pytest.CaptureFixture[str], changes: dict[str, Any]
+) -> None:
+    app = create_app(replace(json_settings, **changes))
+    async with serving(app) as http:
+        for _ in range(3):
+            assert (await http.get("/healthz")).status_code == 200
+        # Something that does log, so the check below is not merely early.
+        marker = create_app(json_settings)
+        async with serving(marker) as logged:
+            await logged.get("/healthz")
+        [line] = await access_records(capsys, 1)
+    assert line["path"] == "/healthz"
+
+
+class Writes(io.StringIO):
+    """A stdout that keeps what each flush wrote."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed: list[str] = []
+
+    def flush(self) -> None:
+        self.flushed.append(self.getvalue())
+        self.seek(0)
+        self.truncate()
+
+
+async def test_a_busy_turn_is_written_in_whole_lines_of_at_most_a_pipe_buffer(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under --workers N every worker writes to the same pipe: a write up to PIPE_BUF bytes is
+    # never interleaved with another's, so no line is cut into by another worker's.
+    stdout = Writes()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    access_log = AccessLog("json")
+    scope = {"type": "http", "method": "GET", "path": "/é" * 50, "client": ("192.0.2.1", 1)}
+    for _ in range(100):  # in one turn of the loop
+        access_log.request_answered(scope, 200, 0.001)
+    await poll_until(lambda: bool(stdout.flushed))
+    assert len(stdout.flushed) > 1
+    assert all(len(block.encode()) <= ATOMIC_WRITE for block in stdout.flushed)
+    assert all(block.endswith("\n") for block in stdout.flushed)
+    lines = "".join(stdout.flushed).splitlines()
+    assert len(lines) == 100
+    assert all(json.loads(line)["path"] == "/é" * 50 for line in lines)
