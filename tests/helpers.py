@@ -64,6 +64,11 @@ def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
     return body
 
 
+def without_request_id(problem: dict[str, Any]) -> dict[str, Any]:
+    """A problem document less its request id, which differs between any two answers."""
+    return {key: value for key, value in problem.items() if key != "request_id"}
+
+
 def add_failing_routes(app: Starlette) -> None:
     """`/auth/busy`, answered 503 by the database middleware (no connection in time), and
     `/boom`, which raises: a 500 from the framework's error handler."""

@@ -22,6 +22,7 @@ from tests.helpers import (
     login,
     register,
     token_for,
+    without_request_id,
 )
 from tests.smtp import SmtpServer, link_in, token_in, with_subject
 
@@ -128,7 +129,7 @@ async def test_an_expired_reset_token_is_refused_like_an_unknown_one(
     await admin.execute("UPDATE account_tokens SET expires_at = now() - interval '1 second'")
     expired = assert_problem(await confirm(mail_http, token), 400)
     unknown = assert_problem(await confirm(mail_http, "not-a-token-we-issued"), 400)
-    assert expired == unknown
+    assert without_request_id(expired) == without_request_id(unknown)
     assert (await login(mail_http, "late@example.org")).status_code == 200
 
 

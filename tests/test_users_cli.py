@@ -211,3 +211,25 @@ def test_users_joins_the_embedded_postgresql_of_a_running_serve(tmp_path: Path) 
     finally:
         code, stderr = stop(process)
     assert code == 0, stderr
+
+
+def test_an_account_made_on_the_cli_counts_as_verified(cli_database: str, tmp_path: Path) -> None:
+    # With verified addresses required, the first admin must still be able to log in: the
+    # operator vouched for the address, and no verification mail is sent from the host.
+    env = sparc_env(DATABASE_URL=cli_database, SPARC_REQUIRE_VERIFIED_EMAIL="true")
+    process, base = start_serve(env, cwd=tmp_path)
+    try:
+        poll(f"{base}/readyz", process=process)
+        created = users(
+            cli_database, "create", "root@example.org", "--password-stdin", stdin=PASSWORD
+        )
+        assert created.returncode == 0, created.stderr
+        assert login(base, "root@example.org").status_code == 200
+        shown = users(cli_database, "show", "root@example.org").stdout.splitlines()
+        assert "email_verified_at: -" not in shown
+        assert any(line.startswith("email_verified_at: 20") for line in shown)
+        body = {"email": "bob@example.org", "password": PASSWORD}
+        assert httpx.post(f"{base}/auth/register", json=body).status_code == 201
+        assert login(base, "bob@example.org").status_code == 403  # registered: not yet verified
+    finally:
+        stop(process)

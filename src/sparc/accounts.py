@@ -90,17 +90,20 @@ async def _record(event: str, actor: Actor, *, user_id: uuid.UUID | None) -> Non
     await audit.record(event, actor.conn, user_id=user_id, actor_id=actor.admin_id)
 
 
-async def create_account(email: str, password_hash: str, *, is_admin: bool = False) -> Row | None:
-    """Insert the account; None if the email exists in any letter case."""
+async def create_account(
+    email: str, password_hash: str, *, is_admin: bool = False, verified: bool = False
+) -> Row | None:
+    """Insert the account; None if the email exists in any letter case. `verified`: its address
+    counts as verified from the start (an operator vouched for it)."""
     # ON CONFLICT, not a caught UniqueViolation: a failed statement would doom the transaction.
     return await get_db_client().fetch_one(
         """
-        INSERT INTO users (email, password_hash, is_admin)
-        VALUES (:email, :password_hash, :is_admin)
+        INSERT INTO users (email, password_hash, is_admin, email_verified_at)
+        VALUES (:email, :password_hash, :is_admin, CASE WHEN :verified THEN now() END)
         ON CONFLICT ((lower(email))) DO NOTHING
         RETURNING id, email
         """,
-        {"email": email, "password_hash": password_hash, "is_admin": is_admin},
+        {"email": email, "password_hash": password_hash, "is_admin": is_admin, "verified": verified},
     )
 
 
