@@ -103,7 +103,12 @@ async def create_account(
         ON CONFLICT ((lower(email))) DO NOTHING
         RETURNING id, email
         """,
-        {"email": email, "password_hash": password_hash, "is_admin": is_admin, "verified": verified},
+        {
+            "email": email,
+            "password_hash": password_hash,
+            "is_admin": is_admin,
+            "verified": verified,
+        },
     )
 
 
