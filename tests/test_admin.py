@@ -79,6 +79,19 @@ async def test_a_disabled_account_gets_403_for_the_right_password_and_401_for_a_
     assert without_request_id(wrong) == without_request_id(unknown)
 
 
+async def test_disabling_revokes_the_accounts_reset_links(
+    http: httpx.AsyncClient, admin: asyncpg.Connection
+) -> None:
+    boss = await make_admin(http, admin, "boss@example.org")
+    target = await user_id(http, await token_for(http, "taken@example.org"))
+    asked = await http.post("/auth/password-reset", json={"email": "taken@example.org"})
+    assert asked.status_code == 202
+    resets = "SELECT count(*) FROM account_tokens WHERE purpose = 'password_reset'"
+    assert await admin.fetchval(resets) == 1
+    assert (await disable(http, boss, target)).status_code == 200
+    assert await admin.fetchval(resets) == 0  # a link already mailed cannot change the password
+
+
 async def test_disabling_ends_every_session_so_a_live_token_answers_401_at_once(
     http: httpx.AsyncClient, admin: asyncpg.Connection
 ) -> None:

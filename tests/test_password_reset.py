@@ -250,3 +250,23 @@ async def test_a_new_password_follows_the_register_rules(
     # A refused password spent nothing: the token still works.
     assert (await confirm(mail_http, token)).status_code == 204
     assert (await login(mail_http, "rules@example.org", PASSWORD)).status_code == 401
+
+
+async def test_a_disabled_account_gets_no_reset_and_its_earlier_link_stops_working(
+    mail_http: httpx.AsyncClient, smtp: SmtpServer, admin: asyncpg.Connection
+) -> None:
+    # Disabled (as an admin would, here by hand): the request answers as for anyone, no mail.
+    await register(mail_http, "frozen@example.org")
+    await admin.execute("UPDATE users SET disabled_at = now() WHERE email = 'frozen@example.org'")
+    await ask_reset(mail_http, "frozen@example.org")
+    queued = "SELECT count(*) FROM mail_outbox WHERE kind = 'password_reset'"
+    assert await admin.fetchval(queued) == 0
+    # A link mailed before the account was disabled no longer changes its password.
+    await register(mail_http, "later@example.org")
+    token = await reset_token(mail_http, smtp, "later@example.org")
+    await admin.execute("UPDATE users SET disabled_at = now() WHERE email = 'later@example.org'")
+    stored = "SELECT password_hash FROM users WHERE email = 'later@example.org'"
+    before = await admin.fetchval(stored)
+    refused = assert_problem(await confirm(mail_http, token), 400)
+    assert refused["detail"] == "The reset token is unknown, expired or already used."
+    assert await admin.fetchval(stored) == before

@@ -225,6 +225,9 @@ def instances(bouncer: DeployedPgBouncer, count: int, directory: Path) -> list[I
             name, _, setting = value.partition("=")
             env[name] = setting
     env.update(settings)
+    # The unit's StateDirectory, a path the test replaces like the others: one of its own.
+    assert env["SPARC_DATA_DIR"] == "/var/lib/sparc", env.get("SPARC_DATA_DIR")
+    env["SPARC_DATA_DIR"] = str(directory / "state")
     made = []
     for _ in range(count):
         port = free_port()

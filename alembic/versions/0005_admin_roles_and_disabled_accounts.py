@@ -1,7 +1,7 @@
 """admin roles, disabled accounts, last login, and who did what in the audit log
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 Create Date: 2026-12-01
 """
 

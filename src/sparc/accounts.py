@@ -17,7 +17,7 @@ from typing import Any
 
 from starlette.requests import HTTPConnection
 
-from sparc import audit
+from sparc import account_tokens, audit
 from sparc.database import Row, get_db_client
 from sparc.identity import disabled_now
 from sparc.security import email_digest
@@ -207,6 +207,8 @@ async def disable(user_id: uuid.UUID, actor: Actor, *, until: datetime | None = 
     if found is None:
         return None
     revoked = await _revoke_all(user_id)
+    # A reset link mailed before the disable must not change the password of a disabled account.
+    await account_tokens.revoke(user_id, account_tokens.PASSWORD_RESET)
     await _record("admin_user_disabled", actor, user_id=user_id)
     return revoked
 

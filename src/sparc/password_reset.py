@@ -28,6 +28,7 @@ from sparc import account_tokens, audit, outbox
 from sparc.auth import EMAIL_MAX_LENGTH, check_new_password
 from sparc.clients import client_ip
 from sparc.database import get_db_client, retry_on_conflict
+from sparc.identity import disabled_now
 from sparc.openapi_parts import NO_CONTENT, Operations, json_answer, operation, problem_answer
 from sparc.payloads import FieldErrors, read_json_object
 from sparc.problems import Problem
@@ -46,7 +47,9 @@ BAD_TOKEN = "The reset token is unknown, expired or already used."
 # tokens, the new token and the queued mail.
 _REQUEST_RESET = f"""
 WITH account AS (
-    SELECT id, email FROM users WHERE lower(email) = lower(:email)
+    -- A disabled account gets no reset (the answer is the same 202): its password stays as
+    -- the admin who disabled it found it.
+    SELECT id, email FROM users WHERE lower(email) = lower(:email) AND NOT {disabled_now()}
 ), recent AS (
     SELECT count(*) FILTER (WHERE created_at > clock_timestamp() - interval '1 minute') AS minute,
            count(*) AS hour
@@ -115,14 +118,16 @@ async def confirm_reset(request: Request) -> Response:
             raise Problem(400, BAD_TOKEN)
         password_hash = await hasher.hash(new_password)
     # The token came to the address by mail: that proves the address as verification does.
-    email: str = await db.fetch_val(
-        """
+    email: str | None = await db.fetch_val(
+        f"""
         UPDATE users SET password_hash = :password_hash,
                          email_verified_at = coalesce(email_verified_at, now())
-        WHERE id = :id RETURNING email
+        WHERE id = :id AND NOT {disabled_now()} RETURNING email
         """,
         {"password_hash": password_hash, "id": user_id},
     )
+    if email is None:  # disabled since the token was mailed
+        raise Problem(400, BAD_TOKEN)
     await account_tokens.revoke(user_id, account_tokens.PASSWORD_RESET)
     await db.execute("DELETE FROM sessions WHERE user_id = :user_id", {"user_id": user_id})
     await login_throttle_of(request).forget_account(email)
