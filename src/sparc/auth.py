@@ -164,7 +164,8 @@ async def login(request: Request) -> Response:
     if settings_of(request).require_verified_email and user["email_verified_at"] is None:
         raise Problem(
             403,
-            "Verify your email first: open the link in the mail we sent, or ask for a new one.",
+            "Verify your email first: open the link in the mail we sent. If it is lost or "
+            "expired, reset your password (POST /auth/password-reset): that verifies it too.",
         )
     token, token_hash = new_token()
     expires_at = await db.fetch_val(
