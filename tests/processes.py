@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -89,6 +91,18 @@ def start_serve(
         "serve", "--port", str(port), *args, env=env, cwd=cwd, capture_stdout=capture_stdout
     )
     return process, f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def serving_ready(env: dict[str, str], *, cwd: Path) -> Iterator[str]:
+    """`sparc serve` started and answering /readyz; its base URL; stopped (SIGTERM) after."""
+    process, base = start_serve(env, cwd=cwd)
+    try:
+        poll(f"{base}/readyz", process=process)
+        yield base
+    finally:
+        if process.poll() is None:
+            stop(process)
 
 
 def start_sparc(

@@ -14,18 +14,14 @@ import pytest
 from sparc import admin_cli
 from tests.conftest import asyncpg_dsn
 from tests.helpers import PASSWORD
-from tests.processes import poll, run_sparc, sparc_env, start_serve, stop
+from tests.processes import poll, run_sparc, serving_ready, sparc_env, start_serve, stop
 
 
 @pytest.fixture
 def service(cli_database: str, tmp_path: Path) -> Iterator[str]:
     """`sparc serve` on a fresh database (it migrates it); its base URL."""
-    process, base = start_serve(sparc_env(DATABASE_URL=cli_database), cwd=tmp_path)
-    try:
-        poll(f"{base}/readyz", process=process)
+    with serving_ready(sparc_env(DATABASE_URL=cli_database), cwd=tmp_path) as base:
         yield base
-    finally:
-        stop(process)
 
 
 def users(
