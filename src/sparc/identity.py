@@ -39,6 +39,11 @@ def disabled_now(users: str = "users") -> str:
     )
 
 
+def _interval(duration: timedelta) -> str:
+    """`duration` as an SQL interval literal (whole microseconds, never an exponent)."""
+    return f"CAST('{duration.total_seconds():.6f} seconds' AS interval)"
+
+
 @dataclass(frozen=True, slots=True)
 class AuthenticatedUser(BaseUser):
     id: uuid.UUID
@@ -71,7 +76,17 @@ class BearerTokenBackend(AuthenticationBackend):
     """
 
     def __init__(self, *, idle_timeout: float) -> None:
-        self.idle_timeout = timedelta(seconds=idle_timeout)
+        # The lookup's text is made once: every authenticated request sends it, and settings
+        # written into it as literals are parameters the driver need not encode each time.
+        self._lookup = f"""
+            SELECT s.id AS session_id, u.id, u.email, u.created_at, u.is_admin,
+                   u.email_verified_at IS NOT NULL AS email_verified,
+                   s.last_seen_at < now() - {_interval(LAST_SEEN_RESOLUTION)} AS seen_long_ago
+            FROM sessions s JOIN users u ON u.id = s.user_id
+            WHERE s.token_hash = :token_hash AND s.expires_at > now()
+              AND s.last_seen_at > now() - {_interval(timedelta(seconds=idle_timeout))}
+              AND NOT {disabled_now("u")}
+            """
         # While the database refuses writes, the bump is not tried again before this.
         self._writes_refused_until = 0.0
 
@@ -106,22 +121,7 @@ class BearerTokenBackend(AuthenticationBackend):
         db = get_db_client()
         # Disabling deletes the account's sessions; refusing disabled accounts here as well
         # covers one disabled by hand in SQL.
-        row = await db.fetch_one_before_transaction(
-            f"""
-            SELECT s.id AS session_id, u.id, u.email, u.created_at, u.is_admin,
-                   u.email_verified_at IS NOT NULL AS email_verified,
-                   s.last_seen_at < now() - CAST(:resolution AS interval) AS seen_long_ago
-            FROM sessions s JOIN users u ON u.id = s.user_id
-            WHERE s.token_hash = :token_hash AND s.expires_at > now()
-              AND s.last_seen_at > now() - CAST(:idle_timeout AS interval)
-              AND NOT {disabled_now("u")}
-            """,
-            {
-                "token_hash": hash_token(token),
-                "idle_timeout": self.idle_timeout,
-                "resolution": LAST_SEEN_RESOLUTION,
-            },
-        )
+        row = await db.fetch_one_before_transaction(self._lookup, {"token_hash": hash_token(token)})
         if row is not None and row["seen_long_ago"]:
             await self._note_activity(row["session_id"])
         if row is None:
