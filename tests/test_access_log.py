@@ -7,6 +7,7 @@ import ipaddress
 import json
 import re
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sparc.access_log import ATOMIC_WRITE, AccessLog
+from sparc.access_log import ATOMIC_WRITE, BATCH_LINES, FLUSH_SECONDS, AccessLog
 from sparc.app import create_app
 from sparc.settings import Settings
 from tests.conftest import poll_until, serving
@@ -40,7 +41,7 @@ ACCESS_KEYS = [
 
 
 async def access_lines(capsys: pytest.CaptureFixture[str], count: int) -> list[str]:
-    """The next `count` lines the access log writes (to stdout, at the end of a loop turn)."""
+    """The next `count` lines the access log writes (to stdout, in a batch soon after)."""
     seen: list[str] = []
 
     def enough() -> bool:
@@ -210,7 +211,7 @@ class Writes(io.StringIO):
         self.truncate()
 
 
-async def test_a_busy_turn_is_written_in_whole_lines_of_at_most_a_pipe_buffer(
+async def test_a_busy_moment_is_written_in_whole_lines_of_at_most_a_pipe_buffer(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Under --workers N every worker writes to the same pipe: a write up to PIPE_BUF bytes is
@@ -221,10 +222,47 @@ async def test_a_busy_turn_is_written_in_whole_lines_of_at_most_a_pipe_buffer(
     scope = {"type": "http", "method": "GET", "path": "/é" * 50, "client": ("192.0.2.1", 1)}
     for _ in range(100):  # in one turn of the loop
         access_log.request_answered(scope, 200, 0.001)
-    await poll_until(lambda: bool(stdout.flushed))
-    assert len(stdout.flushed) > 1
+    # Whole batches at once, the last few (100 is no multiple of BATCH_LINES) a moment later.
+    assert 100 - BATCH_LINES < len("".join(stdout.flushed).splitlines()) < 100
+    await poll_until(lambda: len("".join(stdout.flushed).splitlines()) == 100)
     assert all(len(block.encode()) <= ATOMIC_WRITE for block in stdout.flushed)
     assert all(block.endswith("\n") for block in stdout.flushed)
     lines = "".join(stdout.flushed).splitlines()
-    assert len(lines) == 100
     assert all(json.loads(line)["path"] == "/é" * 50 for line in lines)
+
+
+async def test_a_lone_line_is_written_within_the_flush_interval(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stdout = Writes()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    access_log = AccessLog("json")
+    access_log.request_answered({"type": "http", "method": "GET", "path": "/x"}, 204, 0.001)
+    assert stdout.flushed == []  # waiting for company
+    started = time.monotonic()
+    await poll_until(lambda: bool(stdout.flushed))
+    assert time.monotonic() - started < FLUSH_SECONDS + 1  # a second's slack for a busy machine
+    [line] = "".join(stdout.flushed).splitlines()
+    assert (json.loads(line)["path"], json.loads(line)["status"]) == ("/x", 204)
+
+
+async def test_lines_still_waiting_are_written_at_shutdown(
+    json_settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = create_app(json_settings)
+    async with serving(app) as http:
+        await http.get("/healthz", headers={"X-Request-ID": "last-one"})
+    # The lifespan has ended: no timer is left to run, the line is out already.
+    [line] = [json.loads(each) for each in capsys.readouterr().out.splitlines()]
+    assert (line["path"], line["request_id"]) == ("/healthz", "last-one")
+
+
+async def test_each_text_line_of_a_batch_names_its_own_request(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = create_app(replace(settings, log_format="text"))
+    async with serving(app) as http:
+        for n in range(3):
+            await http.get("/healthz", headers={"X-Request-ID": f"r-{n}"})
+    lines = await access_lines(capsys, 3)
+    assert [line.rsplit(" ", 1)[1] for line in lines] == [f"request_id=r-{n}" for n in range(3)]

@@ -20,6 +20,8 @@ _DETAIL_INDENT = "    "
 # The level and its colon, padded to this width, as uvicorn writes it ("INFO:     ").
 _LEVEL_WIDTH = 10
 
+# A line's time, in UTC, to the second; milliseconds and "Z" follow.
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
 # "000" to "999", for milliseconds: a lookup instead of formatting each time.
 THREE_DIGITS = tuple(f"{n:03d}" for n in range(1000))
 
@@ -40,7 +42,7 @@ class _SecondsCache:
     def format(self, created: float) -> str:
         second = int(created)
         if second != self._second:
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._prefix = time.strftime(TIME_FORMAT, time.gmtime(second))
             self._second = second
         return f"{self._prefix}.{THREE_DIGITS[int((created - second) * 1000)]}Z"
 
@@ -48,11 +50,10 @@ class _SecondsCache:
 log_time = _SecondsCache().format
 
 
-def text_line(created: float, level: str, logger: str, message: str) -> str:
-    """One record in the text format, control characters escaped; the request's id at the end
-    when it was logged while serving one."""
+def text_line(created: float, level: str, logger: str, message: str, request_id: str | None) -> str:
+    """One record in the text format, control characters escaped; `request_id` at the end when
+    it was logged while serving a request."""
     line = f"{log_time(created)} {level + ':':<{_LEVEL_WIDTH}}{logger}: {message}"
-    request_id = current_request_id.get()
     if request_id is not None:
         line = f"{line} request_id={request_id}"
     return escape_control_characters(line)
@@ -85,7 +86,13 @@ class EscapingFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         # Formatter.format would append record.exc_text, which another handler's formatter
         # may have filled in unescaped: the details are formatted here, every time.
-        text = text_line(record.created, record.levelname, record.name, record.getMessage())
+        text = text_line(
+            record.created,
+            record.levelname,
+            record.name,
+            record.getMessage(),
+            current_request_id.get(),
+        )
         if record.exc_info:
             text += _indented(self.formatException(record.exc_info))
         if record.stack_info:
