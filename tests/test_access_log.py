@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import ipaddress
 import json
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+import sparc.access_log as access_log_module
 from sparc.access_log import ATOMIC_WRITE, BATCH_LINES, FLUSH_SECONDS, AccessLog
 from sparc.app import create_app
 from sparc.settings import Settings
@@ -232,14 +234,15 @@ async def test_a_busy_moment_is_written_in_whole_lines_of_at_most_a_pipe_buffer(
 
 
 async def test_a_lone_line_is_written_within_the_flush_interval(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     stdout = Writes()
     monkeypatch.setattr(sys, "stdout", stdout)
     access_log = AccessLog("json")
     access_log.request_answered({"type": "http", "method": "GET", "path": "/x"}, 204, 0.001)
-    assert stdout.flushed == []  # waiting for company
     started = time.monotonic()
+    await asyncio.sleep(0)  # a turn of the loop later, it still waits for company
+    assert stdout.flushed == []
     await poll_until(lambda: bool(stdout.flushed))
     assert time.monotonic() - started < FLUSH_SECONDS + 1  # a second's slack for a busy machine
     [line] = "".join(stdout.flushed).splitlines()
@@ -247,22 +250,78 @@ async def test_a_lone_line_is_written_within_the_flush_interval(
 
 
 async def test_lines_still_waiting_are_written_at_shutdown(
-    json_settings: Settings, capsys: pytest.CaptureFixture[str]
+    json_settings: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(access_log_module, "FLUSH_SECONDS", 60)  # only the shutdown writes it
     app = create_app(json_settings)
     async with serving(app) as http:
         await http.get("/healthz", headers={"X-Request-ID": "last-one"})
-    # The lifespan has ended: no timer is left to run, the line is out already.
+        assert capsys.readouterr().out == ""
     [line] = [json.loads(each) for each in capsys.readouterr().out.splitlines()]
     assert (line["path"], line["request_id"]) == ("/healthz", "last-one")
 
 
+async def test_after_close_each_line_is_written_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A request cancelled at the end of the grace period ends after the lifespan's close():
+    # no later batch, and no timer, would come for it.
+    stdout = Writes()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    access_log = AccessLog("json")
+    access_log.close()
+    access_log.request_answered({"type": "http", "method": "GET", "path": "/late"}, 503, 0.5)
+    [line] = "".join(stdout.flushed).splitlines()
+    assert json.loads(line)["path"] == "/late"
+
+
+def test_a_line_noted_under_a_loop_that_is_gone_is_written_under_the_next() -> None:
+    # An app served by one event loop after another (tests, embedders): the first loop closed
+    # before its timer ran; the next line must not wait for a timer that never comes.
+    stdout = Writes()
+    original, sys.stdout = sys.stdout, stdout
+    try:
+        access_log = AccessLog("json")
+
+        async def answer(path: str) -> None:
+            access_log.request_answered({"type": "http", "method": "GET", "path": path}, 200, 0.0)
+
+        asyncio.run(answer("/first"))  # its loop closes at once, the timer unrun
+        assert stdout.flushed == []
+
+        async def answer_and_wait() -> None:
+            await answer("/second")
+            await poll_until(lambda: bool(stdout.flushed))
+
+        asyncio.run(answer_and_wait())
+        paths = [json.loads(line)["path"] for line in "".join(stdout.flushed).splitlines()]
+        assert paths == ["/first", "/second"]
+    finally:
+        sys.stdout = original
+
+
 async def test_each_text_line_of_a_batch_names_its_own_request(
-    settings: Settings, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    app = create_app(replace(settings, log_format="text"))
-    async with serving(app) as http:
-        for n in range(3):
-            await http.get("/healthz", headers={"X-Request-ID": f"r-{n}"})
-    lines = await access_lines(capsys, 3)
-    assert [line.rsplit(" ", 1)[1] for line in lines] == [f"request_id=r-{n}" for n in range(3)]
+    stdout = Writes()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    access_log = AccessLog("text")
+    for n in range(3):
+        scope = {"type": "http", "method": "GET", "path": "/x", "sparc.request_id": f"r-{n}"}
+        access_log.request_answered(scope, 200, 0.001)
+    await poll_until(lambda: bool(stdout.flushed))
+    [batch] = stdout.flushed  # the three in one write
+    ids = [line.rsplit(" ", 1)[1] for line in batch.splitlines()]
+    assert ids == ["request_id=r-0", "request_id=r-1", "request_id=r-2"]
+
+
+async def test_long_made_up_paths_are_not_kept(capsys: pytest.CaptureFixture[str]) -> None:
+    # The escaped parts of a line are kept per path: a client sending long made-up ones must
+    # not pin memory (the server takes a request line of megabytes).
+    access_log = AccessLog("json")
+    long_path = "/" + "x" * 100_000
+    for status in (404, 405):
+        access_log.request_answered({"type": "http", "method": "GET", "path": long_path}, status, 0)
+    access_log.request_answered({"type": "http", "method": "GET", "path": "/short"}, 404, 0)
+    access_log.flush()
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line)["path"] for line in lines] == [long_path, long_path, "/short"]
+    assert sum(len(part) for parts in access_log._fixed.values() for part in parts) < 1000

@@ -18,10 +18,20 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from sparc.coalesced_writes import CoalescingTransport
+from sparc.coalesced_writes import FLUSH_AT_BYTES, CoalescingTransport
 from tests.processes import serving_ready, sparc_env
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(("asyncio", {"use_uvloop": False}), id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),  # as `sparc serve` runs
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    return request.param
 
 
 class Counted(asyncio.Protocol):
@@ -131,6 +141,27 @@ async def test_a_write_after_close_goes_to_the_transport_as_it_would_without_coa
         coalescing.close()
         coalescing.write(b"too late")
         assert counted.writes == [b"too late"]  # the transport itself drops it
+
+
+async def test_a_fast_stream_reaches_the_transport_by_the_high_water_mark() -> None:
+    # So the real transport's buffer fills and flow control can pause the writer within a turn.
+    async with connection() as (coalescing, counted, peer):
+        chunk = b"x" * 16384
+        for _ in range(FLUSH_AT_BYTES // len(chunk) - 1):
+            coalescing.write(chunk)
+        assert counted.writes == []
+        coalescing.write(chunk)
+        assert counted.writes == [chunk * (FLUSH_AT_BYTES // len(chunk))]
+        assert coalescing.get_write_buffer_size() == counted.get_write_buffer_size()
+        assert len(await received(peer, FLUSH_AT_BYTES)) == FLUSH_AT_BYTES
+
+
+async def test_a_bytearray_is_sent_as_it_was_when_written() -> None:
+    async with connection() as (coalescing, _counted, peer):
+        body = bytearray(b"before")
+        coalescing.write(body)
+        body[:] = b"after!"  # the caller reuses its buffer before the turn ends
+        assert await received(peer, 6) == b"before"
 
 
 # -- through `sparc serve` -------------------------------------------------------------------

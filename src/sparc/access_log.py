@@ -2,10 +2,11 @@
 
 DatabaseMiddleware already knows each request's route, status and duration as it ends (it
 reports them to the metrics); what the line needs is noted there, with no logging record, no
-handler lock and no formatter in between. Lines are made and written in batches: when
-BATCH_LINES are waiting (under load: one write for a dozen requests), else FLUSH_SECONDS after
-the first of them, and at shutdown. A line so waits at most a tenth of a second; a process
-killed outright (SIGKILL) loses at most that tenth's lines.
+handler lock and no formatter in between (a text line is made there whole; JSON lines are made
+from their notes as their batch is written). Lines are written in batches: when BATCH_LINES are
+waiting (under load: one write for a dozen requests), else FLUSH_SECONDS after the first of
+them, and at shutdown, after which each line goes out at once. A line so waits at most a tenth
+of a second; a process killed outright (SIGKILL) loses at most that tenth's lines.
 
 A line names the time, the client's address (behind trusted proxies, as sparc.proxies put it in
 the scope), the method, the route template and the path (without the query string, which may
@@ -39,10 +40,14 @@ ATOMIC_WRITE = 4096
 # many seconds after the first of them, whichever comes first.
 BATCH_LINES = 12
 FLUSH_SECONDS = 0.1
-# The escaped parts of lines kept for this many methods, paths, statuses and routes at most.
+# The escaped parts of lines kept for this many methods, paths, statuses and routes at most, and
+# only for paths of at most this many characters.
 _FIXED_MAX = 1024
+_CACHED_PATH_MAX = 256
 
-# The context the turn's lines are written in: no request's (its id would be the current one).
+# The context a batch is written in: no request's (its id would be the current one). One for all
+# access logs: a timer's callback enters it, and one event loop per thread never runs two at
+# once (two loops in two threads sharing one app would need a context each).
 OUTSIDE_REQUESTS = contextvars.Context()
 # What a JSON line needs of a request: when it was answered, the escaped parts its method, path,
 # status and route make, its id, the client's address, the user's id and the seconds it took.
@@ -97,6 +102,8 @@ class AccessLog:
         # The notes of the requests answered since the last batch was written.
         self._answered: list[Any] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
         # A JSON line's escaped parts that depend on its method, path, status and route alone.
         self._fixed: dict[tuple[str, str, int, bool], tuple[str, str]] = {}
         # The opening of a JSON line up to the time's milliseconds, made once a second.
@@ -107,19 +114,35 @@ class AccessLog:
         """DatabaseMiddleware's report of a request that ended: its line, written soon.
 
         What the line needs is taken from the scope now, while it is at hand; the lines are
-        made and written in batches (BATCH_LINES, FLUSH_SECONDS), a loop over many, which costs
-        less than making and writing each as its request ends.
+        written in batches (BATCH_LINES, FLUSH_SECONDS), which costs less than writing each as
+        its request ends; after `close()`, at once.
         """
         answered = self._answered
         answered.append(self._noted(scope, status, seconds))
-        if len(answered) >= BATCH_LINES:
+        if len(answered) >= BATCH_LINES or self._closed:
             self.flush()
-        elif len(answered) == 1:
+            return
+        loop = asyncio.get_running_loop()
+        if self._timer is not None and self._timer_loop is not loop:
+            # Lines noted under another event loop, gone before its timer ran (an app served by
+            # one loop after another, as tests and embedders do): they go out now, this one too.
+            self.flush()
+        elif self._timer is None:
             # Not in the context of the request that happens to come first: the lines are
             # every request's, written outside all of them.
-            self._timer = asyncio.get_running_loop().call_later(
-                FLUSH_SECONDS, self.flush, context=OUTSIDE_REQUESTS
-            )
+            self._timer = loop.call_later(FLUSH_SECONDS, self.flush, context=OUTSIDE_REQUESTS)
+            self._timer_loop = loop
+
+    def open(self) -> None:
+        """Write in batches (again): the app's lifespan has begun."""
+        self._closed = False
+
+    def close(self) -> None:
+        """Write what waits, and from now on each line at once: the app is shutting down, and
+        a request still ending (cancelled at the end of the grace period) has no later batch to
+        wait for."""
+        self._closed = True
+        self.flush()
 
     def flush(self) -> None:
         """Write the lines of the requests answered so far."""
@@ -194,9 +217,12 @@ class AccessLog:
             f'"route":{"null" if template is None else _json_string(template)},'
             f'"path":{path_json},"status":{status},"duration_ms":',
         )
-        if len(self._fixed) >= _FIXED_MAX:
-            self._fixed.clear()  # paths a client made up must not grow it without end
-        self._fixed[key] = fixed
+        # Paths a client made up must not grow it without end, nor long ones pin memory (the
+        # server takes a request line of megabytes): at most _FIXED_MAX short ones are kept.
+        if len(path) <= _CACHED_PATH_MAX:
+            if len(self._fixed) >= _FIXED_MAX:
+                self._fixed.clear()
+            self._fixed[key] = fixed
         return fixed
 
     def _text_line(self, scope: Scope, status: int, seconds: float) -> str:

@@ -61,6 +61,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         # With no DATABASE_URL, the embedded PostgreSQL runs as long as the app does.
         async with database_settings_async(settings) as resolved:
             await client.connect(database_url=resolved.database_url)
+            if access_log is not None:
+                access_log.open()
             try:
                 # Stopped before the pool closes, so a purge batch in flight rolls back cleanly
                 # (and a delivery in flight stays leased, to be sent again).
@@ -71,9 +73,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 ):
                     yield
             finally:
-                await client.disconnect()
-                if access_log is not None:
-                    access_log.flush()
+                try:
+                    await client.disconnect()
+                finally:
+                    if access_log is not None:
+                        access_log.close()
 
     # Behind a load balancer the client's address comes from X-Forwarded-For, believed only
     # from SPARC_TRUSTED_PROXIES; with none configured the layer is left out altogether.

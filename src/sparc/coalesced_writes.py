@@ -6,8 +6,9 @@ the proxy in front) could take it in one. `CoalescingTransport` stands between u
 protocol and the connection's transport: it keeps the writes made during a turn and sends them
 joined, when the answer is complete (`flush`, from the protocol), before the connection closes,
 or at the latest at the end of the turn, so a streamed answer or a `100 Continue` never waits
-for anything but the code that is running now. Everything else passes straight through,
-flow control included: the real transport still pauses the protocol when its buffer fills.
+for anything but the code that is running now; and as soon as they reach 64 KiB, so that a
+body streamed fast still fills the real transport's buffer and flow control pauses its writer.
+Everything else passes straight through.
 """
 
 from __future__ import annotations
@@ -19,28 +20,40 @@ from typing import Any
 # What the end-of-turn send runs in: no request's context (copying one for each write would
 # cost more than the send).
 _NO_CONTEXT = contextvars.Context()
+# Held writes are sent at once when they reach this many bytes: uvicorn's high-water mark, at
+# which the real transport's buffer would begin to pause the writer.
+FLUSH_AT_BYTES = 65536
 
 
 class CoalescingTransport(asyncio.Transport):
     """A connection's transport, with the writes of one event-loop turn sent together."""
 
-    __slots__ = ("_flush_handle", "_loop", "_pending", "_transport")
+    __slots__ = ("_flush_handle", "_loop", "_pending", "_pending_size", "_transport")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__()
         self._transport = transport
         self._loop = loop
-        self._pending: list[bytes | bytearray | memoryview] = []
+        self._pending: list[bytes] = []
+        self._pending_size = 0
         self._flush_handle: asyncio.Handle | None = None
 
     # -- writing --------------------------------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._transport.is_closing():
+            self.flush()
             self._transport.write(data)  # what the transport does with it, as without us
             return
-        self._pending.append(data)
-        if self._flush_handle is None:
+        # A caller's bytearray or memoryview may change before the send: keep a copy.
+        chunk = data if isinstance(data, bytes) else bytes(data)
+        self._pending.append(chunk)
+        self._pending_size += len(chunk)
+        if self._pending_size >= FLUSH_AT_BYTES:
+            # A streamed body written fast: the real transport must see it, so that its buffer
+            # fills and flow control pauses the writer, as it would without us.
+            self.flush()
+        elif self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(
                 self._flush_at_end_of_turn, context=_NO_CONTEXT
             )
@@ -55,14 +68,18 @@ class CoalescingTransport(asyncio.Transport):
         if not pending:
             return
         self._pending = []
-        self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        self._pending_size = 0
+        if len(pending) == 1:
+            self._transport.write(pending[0])
+        else:
+            self._transport.writelines(pending)  # uvloop: one writev, nothing copied
 
     def _flush_at_end_of_turn(self) -> None:
         self._flush_handle = None
         self.flush()
 
     def get_write_buffer_size(self) -> int:
-        return self._transport.get_write_buffer_size() + sum(len(data) for data in self._pending)
+        return self._transport.get_write_buffer_size() + self._pending_size
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         self._transport.set_write_buffer_limits(high, low)
