@@ -19,6 +19,7 @@ import pytest
 import sparc.access_log as access_log_module
 from sparc.access_log import ATOMIC_WRITE, BATCH_LINES, FLUSH_SECONDS, AccessLog
 from sparc.app import create_app
+from sparc.request_ids import REQUEST_ID_SCOPE_KEY
 from sparc.settings import Settings
 from tests.conftest import poll_until, serving
 from tests.helpers import PASSWORD, add_failing_routes, bearer, login, register, token_for
@@ -212,40 +213,54 @@ class Writes(io.StringIO):
         self.seek(0)
         self.truncate()
 
+    def lines(self) -> list[str]:
+        return "".join(self.flushed).splitlines()
+
+
+def writes_to(monkeypatch: pytest.MonkeyPatch) -> Writes:
+    """sys.stdout for the rest of the test, as a Writes. (Set in the test itself: pytest's own
+    capture takes sys.stdout back between a fixture's setup and the test.)"""
+    writes = Writes()
+    monkeypatch.setattr(sys, "stdout", writes)
+    return writes
+
+
+def get(path: str, **more: Any) -> dict[str, Any]:
+    """The scope of a GET of `path`, as the access log sees it."""
+    return {"type": "http", "method": "GET", "path": path, **more}
+
 
 async def test_a_busy_moment_is_written_in_whole_lines_of_at_most_a_pipe_buffer(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    stdout = writes_to(monkeypatch)
     # Under --workers N every worker writes to the same pipe: a write up to PIPE_BUF bytes is
     # never interleaved with another's, so no line is cut into by another worker's.
-    stdout = Writes()
-    monkeypatch.setattr(sys, "stdout", stdout)
     access_log = AccessLog("json")
-    scope = {"type": "http", "method": "GET", "path": "/é" * 50, "client": ("192.0.2.1", 1)}
+    scope = get("/é" * 50, client=("192.0.2.1", 1))
     for _ in range(100):  # in one turn of the loop
         access_log.request_answered(scope, 200, 0.001)
     # Whole batches at once, the last few (100 is no multiple of BATCH_LINES) a moment later.
-    assert 100 - BATCH_LINES < len("".join(stdout.flushed).splitlines()) < 100
-    await poll_until(lambda: len("".join(stdout.flushed).splitlines()) == 100)
+    assert 100 - BATCH_LINES < len(stdout.lines()) < 100
+    await poll_until(lambda: len(stdout.lines()) == 100)
     assert all(len(block.encode()) <= ATOMIC_WRITE for block in stdout.flushed)
     assert all(block.endswith("\n") for block in stdout.flushed)
-    lines = "".join(stdout.flushed).splitlines()
+    lines = stdout.lines()
     assert all(json.loads(line)["path"] == "/é" * 50 for line in lines)
 
 
 async def test_a_lone_line_is_written_within_the_flush_interval(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    stdout = Writes()
-    monkeypatch.setattr(sys, "stdout", stdout)
+    stdout = writes_to(monkeypatch)
     access_log = AccessLog("json")
-    access_log.request_answered({"type": "http", "method": "GET", "path": "/x"}, 204, 0.001)
+    access_log.request_answered(get("/x"), 204, 0.001)
     started = time.monotonic()
     await asyncio.sleep(0)  # a turn of the loop later, it still waits for company
     assert stdout.flushed == []
     await poll_until(lambda: bool(stdout.flushed))
     assert time.monotonic() - started < FLUSH_SECONDS + 1  # a second's slack for a busy machine
-    [line] = "".join(stdout.flushed).splitlines()
+    [line] = stdout.lines()
     assert (json.loads(line)["path"], json.loads(line)["status"]) == ("/x", 204)
 
 
@@ -262,50 +277,46 @@ async def test_lines_still_waiting_are_written_at_shutdown(
 
 
 async def test_after_close_each_line_is_written_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    stdout = writes_to(monkeypatch)
     # A request cancelled at the end of the grace period ends after the lifespan's close():
     # no later batch, and no timer, would come for it.
-    stdout = Writes()
-    monkeypatch.setattr(sys, "stdout", stdout)
     access_log = AccessLog("json")
     access_log.close()
-    access_log.request_answered({"type": "http", "method": "GET", "path": "/late"}, 503, 0.5)
-    [line] = "".join(stdout.flushed).splitlines()
+    access_log.request_answered(get("/late"), 503, 0.5)
+    [line] = stdout.lines()
     assert json.loads(line)["path"] == "/late"
 
 
-def test_a_line_noted_under_a_loop_that_is_gone_is_written_under_the_next() -> None:
+def test_a_line_noted_under_a_loop_that_is_gone_is_written_under_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stdout = writes_to(monkeypatch)
     # An app served by one event loop after another (tests, embedders): the first loop closed
     # before its timer ran; the next line must not wait for a timer that never comes.
-    stdout = Writes()
-    original, sys.stdout = sys.stdout, stdout
-    try:
-        access_log = AccessLog("json")
+    access_log = AccessLog("json")
 
-        async def answer(path: str) -> None:
-            access_log.request_answered({"type": "http", "method": "GET", "path": path}, 200, 0.0)
+    async def answer(path: str) -> None:
+        access_log.request_answered(get(path), 200, 0.0)
 
-        asyncio.run(answer("/first"))  # its loop closes at once, the timer unrun
-        assert stdout.flushed == []
+    asyncio.run(answer("/first"))  # its loop closes at once, the timer unrun
+    assert stdout.flushed == []
 
-        async def answer_and_wait() -> None:
-            await answer("/second")
-            await poll_until(lambda: bool(stdout.flushed))
+    async def answer_and_wait() -> None:
+        await answer("/second")
+        await poll_until(lambda: bool(stdout.flushed))
 
-        asyncio.run(answer_and_wait())
-        paths = [json.loads(line)["path"] for line in "".join(stdout.flushed).splitlines()]
-        assert paths == ["/first", "/second"]
-    finally:
-        sys.stdout = original
+    asyncio.run(answer_and_wait())
+    paths = [json.loads(line)["path"] for line in stdout.lines()]
+    assert paths == ["/first", "/second"]
 
 
 async def test_each_text_line_of_a_batch_names_its_own_request(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    stdout = Writes()
-    monkeypatch.setattr(sys, "stdout", stdout)
+    stdout = writes_to(monkeypatch)
     access_log = AccessLog("text")
     for n in range(3):
-        scope = {"type": "http", "method": "GET", "path": "/x", "sparc.request_id": f"r-{n}"}
+        scope = get("/x", **{REQUEST_ID_SCOPE_KEY: f"r-{n}"})
         access_log.request_answered(scope, 200, 0.001)
     await poll_until(lambda: bool(stdout.flushed))
     [batch] = stdout.flushed  # the three in one write
@@ -319,8 +330,8 @@ async def test_long_made_up_paths_are_not_kept(capsys: pytest.CaptureFixture[str
     access_log = AccessLog("json")
     long_path = "/" + "x" * 100_000
     for status in (404, 405):
-        access_log.request_answered({"type": "http", "method": "GET", "path": long_path}, status, 0)
-    access_log.request_answered({"type": "http", "method": "GET", "path": "/short"}, 404, 0)
+        access_log.request_answered(get(long_path), status, 0)
+    access_log.request_answered(get("/short"), 404, 0)
     access_log.flush()
     lines = capsys.readouterr().out.splitlines()
     assert [json.loads(line)["path"] for line in lines] == [long_path, long_path, "/short"]

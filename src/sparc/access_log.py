@@ -152,13 +152,12 @@ class AccessLog:
         if not self._answered:
             return
         answered, self._answered = self._answered, []
-        lines = self._lines(answered)
-        text = "".join(lines)
+        chunks = _chunks(self._lines(answered))
         stdout = sys.stdout
         try:
             # Whole lines, at most ATOMIC_WRITE bytes a write: several workers writing to one
             # pipe never interleave inside a line. A batch of lines mostly fits in one.
-            for chunk in [text] if len(text) <= ATOMIC_WRITE and text.isascii() else _chunks(lines):
+            for chunk in chunks:
                 stdout.write(chunk)
                 stdout.flush()
         except (OSError, ValueError):
@@ -170,14 +169,12 @@ class AccessLog:
         # The router picks the same route for the same method and path every time; a request
         # answered before routing (a 401) has its route looked up apart.
         key = (scope["method"], scope["path"], status, "route" in scope)
-        client = scope.get("client")
-        user = scope.get("user")  # what AuthenticationMiddleware found, if it ran
         return (
             time.time(),
             self._fixed.get(key) or self._fix(scope, key),
             scope.get(REQUEST_ID_SCOPE_KEY),
-            client[0] if client else None,
-            user.identity if user is not None and user.is_authenticated else None,
+            _client(scope),
+            _user_id(scope),
             seconds,
         )
 
