@@ -122,16 +122,18 @@ class AccessLog:
         if len(answered) >= BATCH_LINES or self._closed:
             self.flush()
             return
-        loop = asyncio.get_running_loop()
-        if self._timer is not None and self._timer_loop is not loop:
-            # Lines noted under another event loop, gone before its timer ran (an app served by
-            # one loop after another, as tests and embedders do): they go out now, this one too.
-            self.flush()
-        elif self._timer is None:
+        if self._timer is None:
             # Not in the context of the request that happens to come first: the lines are
-            # every request's, written outside all of them.
+            # every request's, written outside all of them. (asyncio.get_running_loop() costs a
+            # getpid system call: once a batch, not once a request.)
+            loop = asyncio.get_running_loop()
             self._timer = loop.call_later(FLUSH_SECONDS, self.flush, context=OUTSIDE_REQUESTS)
             self._timer_loop = loop
+        elif self._timer_loop is not None and self._timer_loop.is_closed():
+            # Lines noted under an event loop that closed before its timer ran (an app served
+            # by one loop after another, as tests and embedders do): they go out now, this one
+            # too.
+            self.flush()
 
     def open(self) -> None:
         """Write in batches (again): the app's lifespan has begun."""
