@@ -7,7 +7,7 @@ Starts PostgreSQL (a throwaway embedded one unless a URL is given); SPARC as a u
 `sparc serve` with its defaults (its access log on, written to a file), and the same with
 SPARC_ACCESS_LOG=false; the two reference apps (bench/reference_apps.py) and the fastapi-users
 peer (bench/fastapi_users_app.py) under uvicorn with nothing logged. It loads them in turn,
-A B C D E A B C D E ..., with wrk, and prints medians, ratios and the targets' verdicts. Results
+A B C D E, B C D E A, ..., with wrk, and prints medians, ratios and the targets' verdicts. Results
 go to bench/results/latest.json and the chart to bench/auth_me.png.
 """
 
@@ -115,8 +115,14 @@ def main() -> None:
             )
             for me_url, me_headers in me.values():  # warm every app up before measuring
                 wrk(me_url, connections=8, seconds=2, headers=me_headers)
+            names = list(me)
             for round_number in range(1, args.rounds + 1):
-                for name, (me_url, me_headers) in me.items():
+                # Each round starts one app further on (A B C D E, B C D E A, ...), so that no
+                # app always follows the same one (the per-request app leaves PostgreSQL busy
+                # with the backends it forked) and each takes every place once in five rounds.
+                start = (round_number - 1) % len(names)
+                for name in names[start:] + names[:start]:
+                    me_url, me_headers = me[name]
                     result = wrk(
                         me_url,
                         connections=args.connections,
@@ -191,6 +197,16 @@ def main() -> None:
         name: sum(r.non_2xx + r.socket_errors for r in results) for name, results in runs.items()
     }
     shipped, no_log, bare = median[SHIPPED], median[NO_ACCESS_LOG], median[BARE]
+    # The same ratios round by round: two apps loaded one after the other share the machine's
+    # state of the moment, so a round's ratio does not move with what drifts over a whole run.
+    log_cost_by_round = [
+        round(1 - a.requests_per_second / b.requests_per_second, 3)
+        for a, b in zip(runs[SHIPPED], runs[NO_ACCESS_LOG], strict=True)
+    ]
+    bare_ratio_by_round = [
+        round(a.requests_per_second / b.requests_per_second, 3)
+        for a, b in zip(runs[SHIPPED], runs[BARE], strict=True)
+    ]
     targets = {
         "req/s >= 1.0x bare, as shipped (access log on)": shipped >= bare,
         "access log on within 5% of off": shipped >= 0.95 * no_log,
@@ -211,6 +227,9 @@ def main() -> None:
         ratio_to_bare=round(shipped / bare, 3),
         ratio_to_bare_without_access_log=round(no_log / bare, 3),
         access_log_cost=round(1 - shipped / no_log, 3),
+        access_log_cost_by_round=log_cost_by_round,
+        median_access_log_cost_by_round=statistics.median(log_cost_by_round),
+        ratio_to_bare_by_round=bare_ratio_by_round,
         p99_ratio_to_bare=round(p99[SHIPPED] / p99[BARE], 3),
         ratio_to_per_request=round(shipped / median[PER_REQUEST], 1),
         ratio_to_fastapi_users=round(shipped / median[PEER], 2),
@@ -252,6 +271,12 @@ def main() -> None:
         f"({figures['ratio_to_bare_without_access_log']}x without the access log, which costs "
         f"{figures['access_log_cost']:.1%}), {figures['p99_ratio_to_bare']}x p99; "
         f"sparc serve / per-request: {figures['ratio_to_per_request']}x"
+    )
+    print(
+        "by round: the access log costs "
+        + ", ".join(f"{cost:.1%}" for cost in log_cost_by_round)
+        + f" (median {statistics.median(log_cost_by_round):.1%}); sparc serve / bare "
+        + ", ".join(f"{ratio}x" for ratio in bare_ratio_by_round)
     )
     print(
         f"sparc serve / fastapi-users: {figures['ratio_to_fastapi_users']}x req/s, "
