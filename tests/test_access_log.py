@@ -15,6 +15,8 @@ from typing import Any
 
 import httpx
 import pytest
+import uvloop
+from starlette.authentication import BaseUser, SimpleUser, UnauthenticatedUser
 
 import sparc.access_log as access_log_module
 from sparc.access_log import ATOMIC_WRITE, BATCH_LINES, FLUSH_SECONDS, AccessLog
@@ -336,3 +338,123 @@ async def test_long_made_up_paths_are_not_kept(capsys: pytest.CaptureFixture[str
     lines = capsys.readouterr().out.splitlines()
     assert [json.loads(line)["path"] for line in lines] == [long_path, long_path, "/short"]
     assert sum(len(part) for parts in access_log._fixed.values() for part in parts) < 1000
+
+
+async def test_a_batch_of_text_lines_beyond_ascii_is_written_in_whole_lines_of_a_pipe_buffer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stdout = writes_to(monkeypatch)
+    # A text line keeps what is beyond ASCII: a write's size is counted in bytes, not letters.
+    access_log = AccessLog("text")
+    path = "/" + "é" * 300  # 601 bytes of path in a line, so 12 lines outgrow ATOMIC_WRITE
+    for n in range(BATCH_LINES):
+        access_log.request_answered(get(path, **{REQUEST_ID_SCOPE_KEY: f"r-{n}"}), 200, 0.001)
+    assert len(stdout.flushed) > 1
+    assert all(len(block.encode()) <= ATOMIC_WRITE for block in stdout.flushed)
+    assert all(block.endswith("\n") for block in stdout.flushed)
+    lines = stdout.lines()
+    assert [line.rsplit(" ", 1)[1] for line in lines] == [f"request_id=r-{n}" for n in range(12)]
+    assert all(f" GET {path} 200 " in line for line in lines)
+
+
+async def test_another_apps_user_class_is_logged_by_its_identity_escaped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stdout = writes_to(monkeypatch)
+    # An app that adds SPARC's layer to its own authentication: its users are Starlette's
+    # BaseUser, whose identity is any text (SPARC's own user is a UUID).
+    access_log = AccessLog("json")
+    odd = 'ada "the first" \x1b[31m\u00e9'
+    access_log.request_answered(get("/x", user=SimpleUser(odd)), 200, 0.001)
+    access_log.request_answered(get("/x", user=UnauthenticatedUser()), 200, 0.001)
+    access_log.flush()
+    records = [json.loads(line) for line in stdout.lines()]
+    assert [record["user_id"] for record in records] == [odd, None]
+    assert all(line.isascii() for line in stdout.lines())
+
+
+def test_a_line_noted_under_a_loop_that_stopped_is_written_under_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stdout = writes_to(monkeypatch)
+    # The first loop stopped, not closed, before its timer ran (run_until_complete): its timer
+    # will not run until that loop does, so the next loop's line must not wait for it.
+    access_log = AccessLog("json")
+
+    async def answer(path: str) -> None:
+        access_log.request_answered(get(path), 200, 0.0)
+
+    async def answer_and_wait() -> None:
+        await answer("/second")
+        await poll_until(lambda: bool(stdout.flushed))
+
+    for new_loop in (asyncio.new_event_loop, uvloop.new_event_loop):
+        first, second = new_loop(), new_loop()
+        try:
+            first.run_until_complete(answer("/first"))
+            assert stdout.flushed == []
+            second.run_until_complete(answer_and_wait())
+        finally:
+            first.close()
+            second.close()
+        paths = [json.loads(line)["path"] for line in stdout.lines()]
+        assert paths == ["/first", "/second"]
+        stdout.flushed.clear()
+
+
+async def test_durations_print_as_milliseconds_with_three_decimals(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stdout = writes_to(monkeypatch)
+    access_log = AccessLog("json")
+    for seconds in (0, 0.0004, 0.012345, 0.999999, 1.0, 12.3456789):
+        access_log.request_answered(get("/x"), 200, seconds)
+    access_log.flush()
+    # The JSON text itself, not only its value: "1.000", never 1.0 or 1e-06.
+    durations = re.findall(r'"duration_ms":([^,]+),', "".join(stdout.flushed))
+    assert durations == ["0.000", "0.400", "12.345", "999.999", "1000.000", "12345.678"]
+
+
+class OddUser(BaseUser):
+    """Another app's user: an identity that is no str, or one that raises."""
+
+    def __init__(self, identity: object) -> None:
+        self._identity = identity
+
+    @property
+    def is_authenticated(self) -> bool:
+        return True
+
+    @property
+    def identity(self) -> Any:
+        if isinstance(self._identity, Exception):
+            raise self._identity
+        return self._identity
+
+
+async def test_a_user_whose_identity_is_no_str_is_logged_by_its_text(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stdout = writes_to(monkeypatch)
+    access_log = AccessLog("json")
+    access_log.request_answered(get("/x", user=OddUser(42)), 200, 0.001)
+    access_log.flush()
+    [line] = stdout.lines()
+    assert json.loads(line)["user_id"] == "42"
+
+
+async def test_a_line_that_cannot_be_made_loses_no_other_and_fails_no_request(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    stdout = writes_to(monkeypatch)
+    access_log = AccessLog("json")
+    broken = get("/broken", user=OddUser(RuntimeError("no identity")))
+    broken[REQUEST_ID_SCOPE_KEY] = "the-broken-one"
+    # A whole batch, the broken line in its middle: the request that fills it is not failed.
+    for n in range(BATCH_LINES):
+        access_log.request_answered(broken if n == 5 else get(f"/ok/{n}"), 200, 0.001)
+    paths = [json.loads(line)["path"] for line in stdout.lines()]
+    assert paths == [f"/ok/{n}" for n in range(BATCH_LINES) if n != 5]
+    [record] = [r for r in caplog.records if r.name == "sparc.access_log"]
+    assert "the-broken-one" in record.getMessage()
+    assert record.exc_info is not None

@@ -1,12 +1,13 @@
 """The access log: one line per request, in the log format, written in batches to stdout.
 
 DatabaseMiddleware already knows each request's route, status and duration as it ends (it
-reports them to the metrics); what the line needs is noted there, with no logging record, no
-handler lock and no formatter in between (a text line is made there whole; JSON lines are made
-from their notes as their batch is written). Lines are written in batches: when BATCH_LINES are
-waiting (under load: one write for a dozen requests), else FLUSH_SECONDS after the first of
-them, and at shutdown, after which each line goes out at once. A line so waits at most a tenth
-of a second; a process killed outright (SIGKILL) loses at most that tenth's lines.
+reports them to the metrics); the request is noted there (its time, scope, status and
+duration), with no logging record, no handler lock, no formatter and no system call in between,
+and the lines are made from the notes as their batch is written. Lines are written in batches:
+when BATCH_LINES are waiting (under load: one write for a dozen requests), else FLUSH_SECONDS
+after the first of them, and at shutdown, after which each line goes out at once. A line so
+waits at most a tenth of a second; a process killed outright (SIGKILL) loses at most that
+tenth's lines.
 
 A line names the time, the client's address (behind trusted proxies, as sparc.proxies put it in
 the scope), the method, the route template and the path (without the query string, which may
@@ -19,19 +20,22 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
 
+from starlette.authentication import BaseUser
 from starlette.types import Scope
 
+from sparc.identity import AuthenticatedUser
 from sparc.logs import THREE_DIGITS, TIME_FORMAT, text_line
 from sparc.request_ids import REQUEST_ID_SCOPE_KEY
 from sparc.route_templates import route_template
 from sparc.settings import LogFormat
 
 ACCESS_LOGGER = "sparc.access"
+logger = logging.getLogger(__name__)  # what goes wrong with the access log, not its lines
 _LEVEL = "INFO"
 # POSIX's PIPE_BUF minimum, Linux's value: a write to a pipe of at most this many bytes is never
 # interleaved with another process's writes.
@@ -44,34 +48,38 @@ FLUSH_SECONDS = 0.1
 # only for paths of at most this many characters.
 _FIXED_MAX = 1024
 _CACHED_PATH_MAX = 256
+# "0" to "999", for the whole milliseconds of a duration: a lookup instead of str() each time.
+_NUMBERS_KEPT = 1000
+NUMBERS = tuple(str(n) for n in range(_NUMBERS_KEPT))
 
 # The context a batch is written in: no request's (its id would be the current one). One for all
 # access logs: a timer's callback enters it, and one event loop per thread never runs two at
 # once (two loops in two threads sharing one app would need a context each).
 OUTSIDE_REQUESTS = contextvars.Context()
-# What a JSON line needs of a request: when it was answered, the escaped parts its method, path,
-# status and route make, its id, the client's address, the user's id and the seconds it took.
-_JsonNote = tuple[float, tuple[str, str], str | None, str | None, str | None, float]
+# What a line needs of a request, noted as it ends: when it was answered, its scope (read when
+# its batch is made: nothing in it changes once the request is answered), status and seconds.
+_Note = tuple[float, Scope, int, float]
 
 # A JSON string of client text, all ASCII: quotes, backslashes, controls and everything beyond
 # `~` escaped (`\u001b`, `\u00e9`), so the line needs no escaping afterwards. C code.
 _json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii
 
 
-def _user_id(scope: Scope) -> str | None:
-    user = scope.get("user")  # what AuthenticationMiddleware found, if it ran
+def _user_id(user: BaseUser | None) -> str | None:
+    """The id of the user AuthenticationMiddleware found (the scope's "user"), if any."""
     if user is None or not user.is_authenticated:
         return None
-    user_id: str = user.identity
-    return user_id
+    return str(user.identity)  # another app's identity need not be a str
 
 
-def _chunks(lines: list[str]) -> list[str]:
-    """`lines` joined in runs of at most ATOMIC_WRITE bytes (a longer line alone)."""
+def _chunks(text: str) -> list[str]:
+    """`text`'s lines in runs of at most ATOMIC_WRITE bytes (a longer line alone). Every line
+    ends in a newline and holds no other: both formats escape control characters."""
     chunks: list[str] = []
     chunk: list[str] = []
     size = 0
-    for line in lines:
+    for line in text.split("\n")[:-1]:
+        line += "\n"
         length = len(line) if line.isascii() else len(line.encode())
         if chunk and size + length > ATOMIC_WRITE:
             chunks.append("".join(chunk))
@@ -82,25 +90,14 @@ def _chunks(lines: list[str]) -> list[str]:
     return chunks
 
 
-def _client(scope: Scope) -> str | None:
-    client = scope.get("client")
-    return client[0] if client else None
-
-
 class AccessLog:
     """Notes each request as it ends; makes and writes their lines in batches."""
 
     def __init__(self, log_format: LogFormat) -> None:
-        # Each format notes what its line needs as a request ends, and makes the lines of a
-        # batch from those notes.
-        self._noted: Callable[[Scope, int, float], Any]
-        self._lines: Callable[[list[Any]], list[str]]
-        if log_format == "json":
-            self._noted, self._lines = self._json_noted, self._json_lines
-        else:
-            self._noted, self._lines = self._text_line, list
+        # The text of a batch's lines, made from their notes, the way of the format.
+        self._batch_text = self._json_batch if log_format == "json" else self._text_batch
         # The notes of the requests answered since the last batch was written.
-        self._answered: list[Any] = []
+        self._answered: list[_Note] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -113,26 +110,26 @@ class AccessLog:
     def request_answered(self, scope: Scope, status: int, seconds: float) -> None:
         """DatabaseMiddleware's report of a request that ended: its line, written soon.
 
-        What the line needs is taken from the scope now, while it is at hand; the lines are
-        written in batches (BATCH_LINES, FLUSH_SECONDS), which costs less than writing each as
-        its request ends; after `close()`, at once.
+        The request is noted, no more: its line is made with the others of its batch and
+        written with them (BATCH_LINES, FLUSH_SECONDS), which costs less than making and
+        writing each as its request ends; after `close()`, at once. This runs on every request:
+        each step in it is counted (a frame, a property, a system call).
         """
         answered = self._answered
-        answered.append(self._noted(scope, status, seconds))
+        answered.append((time.time(), scope, status, seconds))
         if len(answered) >= BATCH_LINES or self._closed:
             self.flush()
-            return
-        if self._timer is None:
+        elif self._timer is None:
             # Not in the context of the request that happens to come first: the lines are
             # every request's, written outside all of them. (asyncio.get_running_loop() costs a
             # getpid system call: once a batch, not once a request.)
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(FLUSH_SECONDS, self.flush, context=OUTSIDE_REQUESTS)
             self._timer_loop = loop
-        elif self._timer_loop is not None and self._timer_loop.is_closed():
-            # Lines noted under an event loop that closed before its timer ran (an app served
-            # by one loop after another, as tests and embedders do): they go out now, this one
-            # too.
+        elif self._timer_loop is not None and not self._timer_loop.is_running():
+            # Lines noted under an event loop that stopped or closed before its timer ran (an
+            # app served by one loop after another, as tests and embedders do): they go out
+            # now, this one too.
             self.flush()
 
     def open(self) -> None:
@@ -154,11 +151,16 @@ class AccessLog:
         if not self._answered:
             return
         answered, self._answered = self._answered, []
-        chunks = _chunks(self._lines(answered))
+        try:
+            text = self._batch_text(answered)
+        except Exception:
+            text = self._batch_text_line_by_line(answered)
+        # Whole lines, at most ATOMIC_WRITE bytes a write: several workers writing to one pipe
+        # never interleave inside a line. A batch mostly fits in one (isascii() is a flag
+        # lookup: an ASCII text's length is its size in bytes).
+        chunks = [text] if text.isascii() and len(text) <= ATOMIC_WRITE else _chunks(text)
         stdout = sys.stdout
         try:
-            # Whole lines, at most ATOMIC_WRITE bytes a write: several workers writing to one
-            # pipe never interleave inside a line. A batch of lines mostly fits in one.
             for chunk in chunks:
                 stdout.write(chunk)
                 stdout.flush()
@@ -167,41 +169,66 @@ class AccessLog:
             # requests, and there is nowhere left to say so.
             pass
 
-    def _json_noted(self, scope: Scope, status: int, seconds: float) -> _JsonNote:
-        # The router picks the same route for the same method and path every time; a request
-        # answered before routing (a 401) has its route looked up apart.
-        key = (scope["method"], scope["path"], status, "route" in scope)
-        return (
-            time.time(),
-            self._fixed.get(key) or self._fix(scope, key),
-            scope.get(REQUEST_ID_SCOPE_KEY),
-            _client(scope),
-            _user_id(scope),
-            seconds,
-        )
-
-    def _json_lines(self, notes: list[_JsonNote]) -> list[str]:
-        # The keys of sparc.logs.json_fields, then the access keys, in the README's order, as
-        # one format string: a fifth of what json.dumps of the same dict costs. What depends on
-        # the request's method, path, status and route alone was escaped once and kept (the
-        # same few routes come again and again); the time's date and second are made once a
-        # second; the request id and the user id (a UUID) need no escaping.
+    def _batch_text_line_by_line(self, notes: list[_Note]) -> str:
+        # A line that cannot be made (a scope another app's layers filled oddly: a user whose
+        # identity raises) must not take its batch's other lines with it, nor fail the request
+        # that happened to fill the batch: it is reported, the others are written.
         lines = []
-        for now, (opening, middle), request_id, client, user_id, seconds in notes:
+        for note in notes:
+            try:
+                lines.append(self._batch_text([note]))
+            except Exception:
+                # Named: this may run while another request is served, whose id the line has.
+                request_id = note[1].get(REQUEST_ID_SCOPE_KEY)
+                logger.exception("the access line of request %s could not be made", request_id)
+        return "".join(lines)
+
+    def _json_batch(self, notes: list[_Note]) -> str:
+        # The keys of sparc.logs.json_fields, then the access keys, in the README's order, the
+        # parts of every line of the batch joined at once (a fifth of what json.dumps of the
+        # same dicts costs). What depends on the request's method, path, status and route alone
+        # was escaped once and kept (the same few routes come again and again); the time's date
+        # and second are made once a second; the request id (sane, see sparc.request_ids)
+        # needs no escaping.
+        fixed_parts = self._fixed
+        parts: list[str] = []
+        for now, scope, status, seconds in notes:
+            # The router picks the same route for the same method and path every time; a
+            # request answered before routing (a 401) has its route looked up apart.
+            key = (scope["method"], scope["path"], status, "route" in scope)
+            opening, middle = fixed_parts.get(key) or self._fix(scope, key)
             second = int(now)
             if second != self._second:
                 self._second = second
                 self._opening = f'{{"time":"{time.strftime(TIME_FORMAT, time.gmtime(second))}.'
-            quoted_request_id = "null" if request_id is None else f'"{request_id}"'
-            quoted_client = "null" if client is None else _json_string(client)
-            quoted_user_id = "null" if user_id is None else f'"{user_id}"'
+            request_id = scope.get(REQUEST_ID_SCOPE_KEY)
+            client = scope.get("client")
+            user = scope.get("user")
+            if type(user) is AuthenticatedUser:
+                # SPARC's own user, straight to its id (a UUID: nothing to escape), two
+                # property calls less; another app's user class, through BaseUser's.
+                user_part = f'"{user.id!s}"}}\n'
+            else:
+                user_id = _user_id(user)
+                user_part = "null}\n" if user_id is None else f"{_json_string(user_id)}}}\n"
+            # Integer arithmetic and lookups: an operator costs less than a call.
             micros = int(seconds * 1_000_000)
-            lines.append(
-                f"{self._opening}{THREE_DIGITS[int((now - second) * 1000)]}{opening}"
-                f'{quoted_request_id},"client":{quoted_client}{middle}'
-                f'{micros // 1000}.{THREE_DIGITS[micros % 1000]},"user_id":{quoted_user_id}}}\n'
+            whole = micros // 1000
+            parts += (
+                self._opening,
+                THREE_DIGITS[int((now - second) * 1000)],  # as sparc.logs.log_time makes it
+                opening,
+                "null" if request_id is None else f'"{request_id}"',
+                ',"client":',
+                "null" if not client else _json_string(client[0]),
+                middle,
+                NUMBERS[whole] if 0 <= whole < _NUMBERS_KEPT else str(whole),
+                ".",
+                THREE_DIGITS[micros - whole * 1000],
+                ',"user_id":',
+                user_part,
             )
-        return lines
+        return "".join(parts)
 
     def _fix(self, scope: Scope, key: tuple[str, str, int, bool]) -> tuple[str, str]:
         """The escaped parts of a JSON line that depend on its method, path, status and route:
@@ -224,12 +251,15 @@ class AccessLog:
             self._fixed[key] = fixed
         return fixed
 
-    def _text_line(self, scope: Scope, status: int, seconds: float) -> str:
-        route = route_template(scope)
-        user_id = _user_id(scope)
-        message = (
-            f"{_client(scope) or '-'} {scope['method']} {scope['path']} {status} "
-            f"{seconds * 1000:.1f}ms route={route or '-'} user_id={user_id or '-'}"
-        )
-        request_id = scope.get(REQUEST_ID_SCOPE_KEY)
-        return text_line(time.time(), _LEVEL, ACCESS_LOGGER, message, request_id) + "\n"
+    def _text_batch(self, notes: list[_Note]) -> str:
+        lines = []
+        for now, scope, status, seconds in notes:
+            client = scope.get("client")
+            message = (
+                f"{client[0] if client else '-'} {scope['method']} {scope['path']} {status} "
+                f"{seconds * 1000:.1f}ms route={route_template(scope) or '-'} "
+                f"user_id={_user_id(scope.get('user')) or '-'}"
+            )
+            request_id = scope.get(REQUEST_ID_SCOPE_KEY)
+            lines.append(text_line(now, _LEVEL, ACCESS_LOGGER, message, request_id) + "\n")
+        return "".join(lines)

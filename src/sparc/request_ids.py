@@ -24,7 +24,8 @@ _SANE = re.compile(_CHARACTERS.encode())
 # Random bytes of a generated id: 128 bits, written as 32 hex digits. From `random`, not the
 # kernel: an id names a request, it guards nothing, and os.urandom costs a getrandom system call
 # a request (0.5 against 0.18 microseconds here). `random` is reseeded in a forked worker, so
-# workers' ids differ; OpenTelemetry makes its trace ids the same way.
+# workers' ids differ; OpenTelemetry makes its trace ids the same way. Its state can be worked
+# out from enough ids: nothing that must be unpredictable (a token, a secret) may come from it.
 _GENERATED_BYTES = 16
 
 # The id of the request this task serves, None outside requests. It is set as the request
