@@ -9,7 +9,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -289,25 +289,36 @@ async def test_after_close_each_line_is_written_at_once(monkeypatch: pytest.Monk
     assert json.loads(line)["path"] == "/late"
 
 
+@pytest.mark.parametrize("new_loop", [asyncio.new_event_loop, uvloop.new_event_loop])
+@pytest.mark.parametrize("first_loop_ends", ["closed", "stopped"])
 def test_a_line_noted_under_a_loop_that_is_gone_is_written_under_the_next(
     monkeypatch: pytest.MonkeyPatch,
+    new_loop: Callable[[], asyncio.AbstractEventLoop],
+    first_loop_ends: str,
 ) -> None:
     stdout = writes_to(monkeypatch)
-    # An app served by one event loop after another (tests, embedders): the first loop closed
-    # before its timer ran; the next line must not wait for a timer that never comes.
+    # An app served by one event loop after another (tests, embedders): the first loop closed,
+    # or only stopped (run_until_complete), before its timer ran; the next loop's line must not
+    # wait for a timer that does not come.
     access_log = AccessLog("json")
 
     async def answer(path: str) -> None:
         access_log.request_answered(get(path), 200, 0.0)
 
-    asyncio.run(answer("/first"))  # its loop closes at once, the timer unrun
-    assert stdout.flushed == []
-
     async def answer_and_wait() -> None:
         await answer("/second")
         await poll_until(lambda: bool(stdout.flushed))
 
-    asyncio.run(answer_and_wait())
+    first, second = new_loop(), new_loop()
+    try:
+        first.run_until_complete(answer("/first"))
+        if first_loop_ends == "closed":
+            first.close()
+        assert stdout.flushed == []
+        second.run_until_complete(answer_and_wait())
+    finally:
+        first.close()
+        second.close()
     paths = [json.loads(line)["path"] for line in stdout.lines()]
     assert paths == ["/first", "/second"]
 
@@ -371,35 +382,6 @@ async def test_another_apps_user_class_is_logged_by_its_identity_escaped(
     records = [json.loads(line) for line in stdout.lines()]
     assert [record["user_id"] for record in records] == [odd, None]
     assert all(line.isascii() for line in stdout.lines())
-
-
-def test_a_line_noted_under_a_loop_that_stopped_is_written_under_the_next(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    stdout = writes_to(monkeypatch)
-    # The first loop stopped, not closed, before its timer ran (run_until_complete): its timer
-    # will not run until that loop does, so the next loop's line must not wait for it.
-    access_log = AccessLog("json")
-
-    async def answer(path: str) -> None:
-        access_log.request_answered(get(path), 200, 0.0)
-
-    async def answer_and_wait() -> None:
-        await answer("/second")
-        await poll_until(lambda: bool(stdout.flushed))
-
-    for new_loop in (asyncio.new_event_loop, uvloop.new_event_loop):
-        first, second = new_loop(), new_loop()
-        try:
-            first.run_until_complete(answer("/first"))
-            assert stdout.flushed == []
-            second.run_until_complete(answer_and_wait())
-        finally:
-            first.close()
-            second.close()
-        paths = [json.loads(line)["path"] for line in stdout.lines()]
-        assert paths == ["/first", "/second"]
-        stdout.flushed.clear()
 
 
 async def test_durations_print_as_milliseconds_with_three_decimals(
