@@ -1,7 +1,7 @@
 """The benchmark: SPARC's GET /auth/me against a bare asyncpg endpoint and a connection-per-request
 endpoint, plus overload, memory and scaling checks. One command, one machine:
 
-    python -m bench.run [--database-url URL] [--rounds 5] [--seconds 10] [--connections 64]
+    python -m bench.run [--database-url URL] [--rounds 10] [--seconds 10] [--connections 64]
 
 Starts PostgreSQL (a throwaway embedded one unless a URL is given); SPARC as a user runs it,
 `sparc serve` with its defaults (its access log on, written to a file), and the same with
@@ -86,8 +86,9 @@ def loadtest(base: str, url: str, concurrency: int, seconds: int) -> dict[str, o
 def main() -> None:
     parser = argparse.ArgumentParser(description="SPARC's benchmark")
     parser.add_argument("--database-url", default=os.environ.get("BENCH_DATABASE_URL"))
-    # Five: one round on this shared machine varies by about ±5 %, its median less.
-    parser.add_argument("--rounds", type=int, default=5)
+    # Ten: one round on a shared 2-core machine varies by ±5 % on a good day and by ±20 % on a
+    # bad one (seen here); the median of ten, and of ten paired ratios, moves far less.
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--pool-size", type=int, default=10)
