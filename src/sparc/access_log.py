@@ -50,7 +50,7 @@ _FIXED_MAX = 1024
 _CACHED_PATH_MAX = 256
 # "0" to "999", for the whole milliseconds of a duration: a lookup instead of str() each time.
 _NUMBERS_KEPT = 1000
-NUMBERS = tuple(str(n) for n in range(_NUMBERS_KEPT))
+_NUMBERS = tuple(str(n) for n in range(_NUMBERS_KEPT))
 
 # The context a batch is written in: no request's (its id would be the current one). One for all
 # access logs: a timer's callback enters it, and one event loop per thread never runs two at
@@ -58,6 +58,8 @@ NUMBERS = tuple(str(n) for n in range(_NUMBERS_KEPT))
 OUTSIDE_REQUESTS = contextvars.Context()
 # What a line needs of a request, noted as it ends: when it was answered, its scope (read when
 # its batch is made: nothing in it changes once the request is answered), status and seconds.
+# The scope, its headers among it, so lives on as long as its batch waits: FLUSH_SECONDS, as a
+# rule.
 _Note = tuple[float, Scope, int, float]
 
 # A JSON string of client text, all ASCII: quotes, backslashes, controls and everything beyond
@@ -222,7 +224,7 @@ class AccessLog:
                 ',"client":',
                 "null" if not client else _json_string(client[0]),
                 middle,
-                NUMBERS[whole] if 0 <= whole < _NUMBERS_KEPT else str(whole),
+                _NUMBERS[whole] if 0 <= whole < _NUMBERS_KEPT else str(whole),
                 ".",
                 THREE_DIGITS[micros - whole * 1000],
                 ',"user_id":',
