@@ -276,7 +276,7 @@ def main() -> None:
     print(
         "by round: the access log costs "
         + ", ".join(f"{cost:.1%}" for cost in log_cost_by_round)
-        + f" (median {statistics.median(log_cost_by_round):.1%}); sparc serve / bare "
+        + f" (median {figures['median_access_log_cost_by_round']:.1%}); sparc serve / bare "
         + ", ".join(f"{ratio}x" for ratio in bare_ratio_by_round)
     )
     print(
